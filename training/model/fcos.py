@@ -331,3 +331,39 @@ def decode_detections(outputs: HeadOutputs, image_index: int, cfg: FCOSConfig, s
     keep = batched_nms(boxes_t, scores_t, labels_t, cfg.nms_threshold)[: cfg.max_detections]
     dets = Detections(boxes_t, scores_t, labels_t, torch.cat(locs), torch.cat(lvls), torch.cat(params), scores_t > math.sqrt(max(thr, 0.0)))
     return dets.select(keep)
+
+
+def prompt_detections(outputs: HeadOutputs, boxes: Tensor, image_index: int, cfg: FCOSConfig) -> Detections:
+    """One detection per given box (n,4) xyxy input pixels, for box-prompted masks.
+
+    Each box takes the FCOS location best suited to it: the level whose size range
+    holds max(w, h) / 2 (the regression a location at the box centre would need),
+    and on it the cell containing the box centre. The controller parameters there
+    drive the dynamic mask head; the class is the best class at that cell and the
+    detection score sqrt(cls * ctr) of that class. Shape-static (exports to ONNX).
+    """
+    n = boxes.shape[0]
+    device, dtype = boxes.device, boxes.dtype
+    half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    bounds = torch.tensor([float(s) for s in cfg.sizes_of_interest], dtype=dtype, device=device)
+    level = (half[:, None] > bounds[None]).sum(dim=1)  # (n,) 0..num_levels-1
+    det_scores = torch.zeros(n, dtype=dtype, device=device)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    locations = torch.zeros(n, 2, dtype=dtype, device=device)
+    params = torch.zeros(n, outputs.controller[0].shape[1], dtype=dtype, device=device)
+    for lvl, stride in enumerate(cfg.strides):
+        cls = outputs.cls_logits[lvl][image_index]
+        _, h, w = cls.shape
+        ix = (cx / stride).floor().clamp(0, w - 1).long()
+        iy = (cy / stride).floor().clamp(0, h - 1).long()
+        prob = cls.sigmoid()[:, iy, ix] * outputs.ctrness[lvl][image_index].sigmoid()[0, iy, ix]  # (C, n)
+        best, best_cls = prob.max(dim=0)
+        on = level == lvl
+        det_scores = torch.where(on, best.sqrt(), det_scores)
+        labels = torch.where(on, best_cls, labels)
+        loc = torch.stack([ix * stride + stride // 2, iy * stride + stride // 2], dim=1).to(dtype)
+        locations = torch.where(on[:, None], loc, locations)
+        params = torch.where(on[:, None], outputs.controller[lvl][image_index][:, iy, ix].T, params)
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+    return Detections(boxes, det_scores, labels, locations, level, params, valid)
