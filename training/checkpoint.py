@@ -91,3 +91,22 @@ def load_model(path: str | Path, branch: Branch | None = None, device: str | tor
     model.load_state_dict(state)
     model.cfg = cfg
     return model.to(device).eval(), cfg
+
+
+def load_weights_into(model: CondInst, path: str | Path, branch: Branch | None = None) -> None:
+    """Start training from any of our checkpoints (``model.weights=PATH``).
+
+    Tensors whose shape differs (the classifier when the number of classes changed)
+    keep their fresh initialisation, with a message naming them.
+    """
+    ckpt = read_checkpoint(path)
+    state = ckpt.get(branch or default_branch(ckpt))
+    ours = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
+    skipped = sorted(k for k in state if k in ours and ours[k].shape != state[k].shape)
+    if skipped:
+        log.warning("model.weights: re-initialised %s (shapes differ: another number of classes?)", ", ".join(skipped))
+    missing, unexpected = model.load_state_dict(fitting, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise CheckpointError(f"model.weights {path} does not fit this model: missing {missing}, unexpected {unexpected}")
