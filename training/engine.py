@@ -78,10 +78,17 @@ def teacher_pseudo_masks(teacher: CondInst, images: list[Tensor], batch: Student
         matched = assign_pseudo_masks(pred_boxes, det.scores, gt_boxes, bt.iou_threshold, bt.score_threshold)
         has = matched >= 0
         sel = matched.clamp(min=0)
-        probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride) if gt_boxes.shape[0] else det.mask_probs.new_zeros(0, *student_hw)
+        if det.mask_probs.shape[0] == 0 or gt_boxes.shape[0] == 0:  # nothing to assign
+            probs = det.mask_probs.new_zeros(gt_boxes.shape[0], *student_hw)
+            sel = torch.zeros(0, dtype=torch.int64, device=matched.device) if det.mask_probs.shape[0] == 0 else sel
+        else:
+            probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)
         probs = crop_masks_to_boxes(probs, gt_boxes)
         gt_box_masks = box_masks(gt_boxes, student_hw[0], student_hw[1], stride=1)
-        quality = quality_score(bt.quality, det.dets.det_scores[sel], probs, gt_box_masks, pred_boxes[sel], gt_boxes, thr)
+        if det.mask_probs.shape[0] == 0:
+            quality = probs.new_zeros(gt_boxes.shape[0])
+        else:
+            quality = quality_score(bt.quality, det.dets.det_scores[sel], probs, gt_box_masks, pred_boxes[sel], gt_boxes, thr)
         masks, weights = gather_assigned_masks((probs > thr).float(), quality, torch.where(has, torch.arange(len(has), device=has.device), -1))
         soft, binary = pseudo_mask_targets(masks, gt_boxes, padded_hw, cfg.model.mask.out_stride, thr)
         out.append((soft, binary, weights))

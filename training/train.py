@@ -129,8 +129,8 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.iteration += 1
-        out = {k: float(v) for k, v in losses.items()}
-        out.update(loss=float(total), lr=self.optimizer.param_groups[0]["lr"], **stats)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out.update(loss=float(total.detach()), lr=self.optimizer.param_groups[0]["lr"], **stats)
         return out
 
     def checkpoint_payload(self) -> dict:
