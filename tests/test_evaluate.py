@@ -68,3 +68,25 @@ def test_eval_and_visualize_commands(synthetic_dataset, tmp_path):
 def test_eval_reports_missing_checkpoint_clearly(tmp_path, capsys):
     assert main(["eval", "--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_pseudo_label_command_writes_one_mask_per_matched_box(synthetic_dataset, tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    ckpt = write_checkpoint(tmp_path / "m.pth", tiny_config(num_classes=7))
+    out = tmp_path / "ann.json"
+    assert main(["pseudo-label", "--weights", str(ckpt), "--data", str(synthetic_dataset), "--split", "val", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    gt = COCO(str(synthetic_dataset / "annotations" / "val.json"))
+    assert len(result["images"]) == len(gt.getImgIds())
+    ids = [a["id"] for a in result["annotations"]]
+    assert ids, "the conditioned model matches some boxes at IoU >= 0.5"
+    assert len(ids) == len(set(ids))  # at most one pseudo mask per GT box
+    for ann in result["annotations"]:
+        src = gt.anns[ann["id"]]
+        assert ann["bbox"] == src["bbox"] and ann["category_id"] == src["category_id"] and 0 <= ann["score"] <= 1
+        m = mask_utils.decode(ann["segmentation"])
+        ys, xs = m.nonzero()
+        x, y, w, h = src["bbox"]
+        assert xs.min() >= int(x) and xs.max() <= int(x + w) and ys.min() >= int(y) and ys.max() <= int(y + h)

@@ -58,6 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.fcos.score_threshold=0.05")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("pseudo-label", help="box-only dataset -> COCO file with one pseudo mask per matched box")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--output", required=True, help="COCO annotation file to write (e.g. ann.json)")
+    p.add_argument("--branch", choices=["teacher", "student"], default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_pseudo_label)
+
 
 def _cuda() -> bool:
     try:
@@ -139,4 +148,14 @@ def cmd_convert(args) -> int:
         names = [line.strip() for line in p.read_text().splitlines() if line.strip()] if p.is_file() else json.loads(args.class_names)
     out = convert_authors_checkpoint(args.checkpoint, args.output, args.branch, names, args.overrides)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_pseudo_label(args) -> int:
+    from training.checkpoint import load_model
+    from training.pseudo_label import write_pseudo_labels
+
+    model, _ = load_model(args.weights, args.branch, device=args.device)
+    path = write_pseudo_labels(model, args.data, args.split, args.output)
+    print(f"wrote {path}")
     return 0
