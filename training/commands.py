@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_pseudo_label)
 
+    from training.benchmark import register_benchmarks
+
+    register_benchmarks(sub)
+
 
 def _cuda() -> bool:
     try:
