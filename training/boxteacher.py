@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from training.losses import box_masks as rasterize_boxes
+from training.model.scores import authors_pseudo_weight, mask_aware_score, mean_foreground_probability
 from training.losses import (
-    box_masks as rasterize_boxes,
     dice_loss,
     log_fg_bg_probabilities,
     log_same_label_probability,
@@ -114,68 +115,6 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 # --------------------------------------------------------------------------------------
 
 
-def mean_foreground_probability(
-    mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
-    """Mean probability of the confident foreground pixels inside the box (paper eq. 2 core).
-
-        m_bar = sum(1[m > tau] * m * b) / sum(1[m > tau] * b),   0 where the denominator is 0
-
-    Args:
-        mask_probs: ``(n, h, w)`` (or ``(n, 1, h, w)``) float mask probabilities.
-        box_masks: ``(n, h, w)`` box masks in {0, 1} at the same resolution, or ``None`` for
-            the whole map (the authors' inference score).
-        threshold: tau_m = 0.5 (strict ``>``).
-    Returns:
-        ``(n,)`` float32 in [0, 1].
-    """
-    n = mask_probs.shape[0]
-    m = mask_probs.float().flatten(1)
-    confident = (m > threshold).float()
-    if box_masks is not None:
-        confident = confident * box_masks.float().flatten(1)
-    numerator = (confident * m).sum(dim=1)
-    denominator = confident.sum(dim=1)
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=1.0), torch.zeros_like(numerator))
-
-
-def mask_aware_score(
-    det_scores: Tensor, mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
-    """Mask-aware confidence score (paper eq. 2; method.md §3).
-
-        s = sqrt(c * sum(1[m > tau] * m * b) / sum(1[m > tau] * b)),   s = 0 if the sum is 0
-
-    Used as the pseudo-mask weight and for ranking at inference (``box_masks=None``).
-
-    Args:
-        det_scores: ``(n,)`` detection confidence c in [0, 1].
-        mask_probs: ``(n, h, w)`` mask probabilities.
-        box_masks: ``(n, h, w)`` GT box masks, or ``None`` for the whole map.
-    Returns:
-        ``(n,)`` float32 in [0, 1].
-    """
-    m_bar = mean_foreground_probability(mask_probs, box_masks, threshold)
-    return torch.sqrt(det_scores.float().clamp(min=0.0) * m_bar)
-
-
-def authors_pseudo_weight(det_scores: Tensor, mean_fg_prob: Tensor) -> Tensor:
-    """The pseudo-mask weight of the authors' code (``mask_score``; implementation-notes §1.4).
-
-        w = sqrt(sqrt(c) * m_bar)
-
-    (their ranking score is sqrt(c * m_bar) = :func:`mask_aware_score`).
-
-    Args:
-        det_scores: ``(n,)`` detection confidence c (FCOS ``sqrt(cls * ctr)``).
-        mean_fg_prob: ``(n,)`` :func:`mean_foreground_probability`.
-    Returns:
-        ``(n,)`` float32.
-    """
-    c = det_scores.float().clamp(min=0.0)
-    return torch.sqrt(torch.sqrt(c) * mean_fg_prob.float().clamp(min=0.0))
-
-
 def _aligned_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     """IoU of ``boxes_a[k]`` with ``boxes_b[k]``; 0 for degenerate pairs. ``(n,)``."""
     if boxes_a.shape[0] == 0:
@@ -186,7 +125,6 @@ def _aligned_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
 def _mean_entropy_quality(mask_probs: Tensor, box_masks: Tensor | None, eps: float = 1e-6) -> Tensor:
     """1 - mean_{pixels in box} H(m) / log 2, with H the binary entropy; 0 for an empty box."""
-    n = mask_probs.shape[0]
     m = mask_probs.float().flatten(1).clamp(eps, 1.0 - eps)
     entropy = -(m * m.log() + (1.0 - m) * (1.0 - m).log()) / math.log(2.0)
     if box_masks is None:
@@ -194,7 +132,7 @@ def _mean_entropy_quality(mask_probs: Tensor, box_masks: Tensor | None, eps: flo
     else:
         inside = box_masks.float().flatten(1)
     count = inside.sum(dim=1)
-    mean_entropy = (entropy * inside).sum(dim=1) / count.clamp(min=1.0)
+    mean_entropy = (entropy * inside).sum(dim=1) / count.clamp(min=1e-12)
     return torch.where(count > 0, 1.0 - mean_entropy, torch.zeros_like(mean_entropy)).clamp(0.0, 1.0)
 
 
@@ -210,7 +148,7 @@ def quality_score(
     gt_boxes: Tensor | None = None,
     mask_threshold: float = 0.5,
 ) -> Tensor:
-    """Pseudo-mask quality score for the ablation of method.md §5 (paper Table: quality score).
+    """Pseudo-mask quality score for the quality-score ablation of method.md §5.
 
     kinds:
     - ``"none"``: 1;
@@ -218,7 +156,7 @@ def quality_score(
     - ``"iou"``: IoU(pred_box_k, gt_box_k) of the matched pair;
     - ``"mean_entropy"``: 1 - mean_{pixels in box} H(m) / log 2 (H: binary entropy);
       0 for an empty box;
-    - ``"mask_aware"``: :func:`mask_aware_score` (paper eq. 2), inside the GT box;
+    - ``"mask_aware"``: :func:`mask_aware_score` (the paper's score), inside the GT box;
     - ``"mask_aware_authors"``: :func:`authors_pseudo_weight` with m_bar over the whole map,
       as the authors' ``postprocess`` computes it (``box_masks`` is ignored).
 
@@ -386,7 +324,7 @@ def pseudo_mask_targets(
 
 
 def refine_pseudo_masks(pseudo: Tensor) -> Tensor:
-    """Noise-reduced pseudo probabilities (paper eq. 4; authors' ``get_instance_masks_affinity``).
+    """Noise-reduced pseudo probabilities (paper, refinement before eq. 5; authors' ``get_instance_masks_affinity``).
 
         g~_i = (g_i + mean_{j in 3x3(i)} g_j) / 2       (zero padding counted in the mean)
 
@@ -402,7 +340,7 @@ def refine_pseudo_masks(pseudo: Tensor) -> Tensor:
 def pseudo_affinity(
     refined: Tensor, valid: Tensor | None = None, kernel_size: int = 3, dilation: int = 2
 ) -> Tensor:
-    """Pseudo affinity of each pixel with its 8 dilated neighbours (paper eq. 4).
+    """Pseudo affinity mu_ij of each pixel with its 8 dilated neighbours (paper, the affinity used in eq. 5).
 
         A_ij = g~_i g~_j + (1 - g~_i)(1 - g~_j),   times valid_j
 
@@ -462,7 +400,6 @@ def affinity_loss(
     """
     if mode not in AFFINITY_MODES:
         raise ValueError(f"unknown affinity mode {mode!r}; allowed: {', '.join(AFFINITY_MODES)}")
-    num = mask_logits.shape[0]
     edges = (affinity > threshold).float() * box_masks.float()[:, None]  # (K, 8, h, w)
     if mode == "authors":
         per_edge = -log_same_label_probability(mask_logits, kernel_size, dilation)
@@ -496,7 +433,7 @@ def noise_aware_pseudo_mask_loss(
     kernel_size: int = 3,
     dilation: int = 2,
 ) -> dict[str, Tensor]:
-    """Noise-aware pseudo-mask loss ``L_mask-sup`` (paper eq. 3; method.md §3).
+    """Noise-aware pseudo-mask loss ``L_mask-sup`` (paper §3, "noise-aware pseudo mask loss"; method.md §3).
 
         L = (1 / N_p) * sum_k s_k * (lambda_p * L_pixel,k + lambda_a * L_aff,k) * warmup
         N_p = max(#{k : s_k > 0}, 1)

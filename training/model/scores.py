@@ -1,7 +1,7 @@
 """The mask-aware confidence score (BoxTeacher, Sec. 3.3), one definition for all.
 
 It weights pseudo masks during training and ranks detections at inference; every
-prediction carries it next to its detection score.
+prediction carries it next to its detection score. training.boxteacher re-exports it.
 """
 
 from __future__ import annotations
@@ -10,29 +10,62 @@ import torch
 from torch import Tensor
 
 
-def mean_foreground_probability(mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5) -> Tensor:
-    """m_bar = sum(1[m > tau] * m * b) / sum(1[m > tau] * b), 0 where the denominator is 0.
+def mean_foreground_probability(
+    mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
+) -> Tensor:
+    """Mean probability of the confident foreground pixels inside the box (mask-aware score core).
 
-    mask_probs: (n, h, w) probabilities; box_masks: (n, h, w) 0/1 or None (whole image).
-    Returns (n,) float: the mean probability of the confident foreground pixels.
+        m_bar = sum(1[m > tau] * m * b) / sum(1[m > tau] * b),   0 where the denominator is 0
+
+    Args:
+        mask_probs: ``(n, h, w)`` (or ``(n, 1, h, w)``) float mask probabilities.
+        box_masks: ``(n, h, w)`` box masks in {0, 1} at the same resolution, or ``None`` for
+            the whole map (the authors' inference score).
+        threshold: tau_m = 0.5 (strict ``>``).
+    Returns:
+        ``(n,)`` float32 in [0, 1].
     """
-    confident = (mask_probs > threshold).to(mask_probs.dtype)
+    m = mask_probs.float().flatten(1)
+    confident = (m > threshold).float()
     if box_masks is not None:
-        confident = confident * box_masks.to(mask_probs.dtype)
-    num = (confident * mask_probs).flatten(1).sum(1)
-    den = confident.flatten(1).sum(1)
-    return torch.where(den > 0, num / den.clamp(min=1.0), torch.zeros_like(num))
+        confident = confident * box_masks.float().flatten(1)
+    numerator = (confident * m).sum(dim=1)
+    denominator = confident.sum(dim=1)
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
 
 
-def mask_aware_score(det_scores: Tensor, mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5) -> Tensor:
-    """BoxTeacher eq. (3): s = sqrt(c * m_bar), c the detection confidence (n,).
+def mask_aware_score(
+    det_scores: Tensor, mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
+) -> Tensor:
+    """Mask-aware confidence score (paper §3, "mask-aware confidence score"; method.md §3).
 
-    0 for an empty mask (no pixel over ``threshold`` inside the box). (n,) float.
+        s = sqrt(c * sum(1[m > tau] * m * b) / sum(1[m > tau] * b)),   s = 0 if the sum is 0
+
+    Used as the pseudo-mask weight and for ranking at inference (``box_masks=None``).
+
+    Args:
+        det_scores: ``(n,)`` detection confidence c in [0, 1].
+        mask_probs: ``(n, h, w)`` mask probabilities.
+        box_masks: ``(n, h, w)`` GT box masks, or ``None`` for the whole map.
+    Returns:
+        ``(n,)`` float32 in [0, 1].
     """
-    m = mean_foreground_probability(mask_probs, box_masks, threshold)
-    return (det_scores.clamp(min=0) * m).sqrt()
+    m_bar = mean_foreground_probability(mask_probs, box_masks, threshold)
+    return torch.sqrt(det_scores.float().clamp(min=0.0) * m_bar)
 
 
 def authors_pseudo_weight(det_scores: Tensor, mean_fg_prob: Tensor) -> Tensor:
-    """The authors' code weights pseudo masks with sqrt(sqrt(c) * m_bar) (an option)."""
-    return (det_scores.clamp(min=0).sqrt() * mean_fg_prob).sqrt()
+    """The pseudo-mask weight of the authors' code (``mask_score``; implementation-notes §1.4).
+
+        w = sqrt(sqrt(c) * m_bar)
+
+    (their ranking score is sqrt(c * m_bar) = :func:`mask_aware_score`).
+
+    Args:
+        det_scores: ``(n,)`` detection confidence c (FCOS ``sqrt(cls * ctr)``).
+        mean_fg_prob: ``(n,)`` :func:`mean_foreground_probability`.
+    Returns:
+        ``(n,)`` float32.
+    """
+    c = det_scores.float().clamp(min=0.0)
+    return torch.sqrt(torch.sqrt(c) * mean_fg_prob.float().clamp(min=0.0))
