@@ -37,14 +37,40 @@ def register_benchmarks(sub: argparse._SubParsersAction) -> argparse._SubParsers
     q.set_defaults(func=cmd_quality)
 
     t = bench.add_parser("train", help="seconds/iteration, images/s, peak memory of training steps")
-    t.add_argument("--config", required=True)
-    t.add_argument("--data", required=True)
+    t.add_argument("--config", help="YAML recipe (not needed with --authors-setting)")
+    t.add_argument("--data", help="dataset folder (not needed with --authors-setting)")
+    t.add_argument(
+        "--authors-setting",
+        choices=sorted(AUTHORS_SETTINGS),
+        default=None,
+        help="the setting measured with the authors' code: R-50 from scratch, 2 classes, one 512x512 image "
+        "with 3 boxes per batch, strong augmentation, teacher at short side 800 (512 for boxteacher-512); "
+        "makes its own image; 2 threads unless --threads",
+    )
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--iters", type=int, default=20)
     t.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     t.add_argument("--device", default="cpu")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_train_speed)
+
+    # Inference and serving benchmarks live with their packages; wired here when installed.
+    try:
+        from export.benchmark import add_infer_arguments, run_infer_benchmark
+    except ImportError:  # the export extra is not installed
+        pass
+    else:
+        i = bench.add_parser("infer", help="latency of eager PyTorch vs ONNX Runtime (vs TensorRT)")
+        add_infer_arguments(i)
+        i.set_defaults(func=run_infer_benchmark)
+    try:
+        from serving.benchmark import add_arguments as add_serve_arguments, run_from_args as run_serve_benchmark
+    except ImportError:  # the serve extra is not installed
+        pass
+    else:
+        sv = bench.add_parser("serve", help="HTTP throughput/latency vs the bare predictor")
+        add_serve_arguments(sv)
+        sv.set_defaults(func=run_serve_benchmark)
     return bench
 
 
@@ -131,30 +157,115 @@ def format_quality_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The authors' own training loop (detectron2/AdelaiDet, BoxTeacher repo) measured on a
+# 2-core machine with torch.set_num_threads(2), 3 warm-up then 20 timed iterations, in
+# the setting of :func:`authors_setting_overrides`.
+AUTHORS_SETTINGS: dict[str, dict] = {
+    "boxteacher": {"method": "boxteacher", "teacher_min_size": 800, "s_per_iter": 4.69, "peak_rss_gib": 2.45},
+    "boxteacher-512": {"method": "boxteacher", "teacher_min_size": 512, "s_per_iter": 3.36, "peak_rss_gib": None},
+    "boxinst": {"method": "boxinst", "teacher_min_size": 800, "s_per_iter": 2.30, "peak_rss_gib": 2.03},
+}
+
+
+def authors_setting_overrides(name: str) -> list[str]:
+    """R-50 from scratch (frozen BN, stem+res2 frozen, as detectron2 without weights), 2
+    classes, batch 1, the 512x512 image kept at 512 (no resize), strong augmentation on,
+    the teacher at the test scale; no clipping, no workers (data on the training thread)."""
+    s = AUTHORS_SETTINGS[name]
+    return [
+        f"method={s['method']}", "model.backbone.depth=50", "model.backbone.weights=none", "model.backbone.norm=frozen_bn",
+        "model.backbone.freeze_at=2", "model.mask.out_channels=16", "input.min_size_train=[512]", "input.max_size_train=1333",
+        "boxteacher.strong_augmentation=strong", f"boxteacher.teacher_min_size={s['teacher_min_size']}",
+        "boxteacher.teacher_max_size=1333", "solver.batch_size=1", "solver.grad_accum_steps=1", "solver.amp=none",
+        "data.num_workers=0", "train.checkpoint_period=0", "train.eval_period=0",
+    ]  # fmt: skip
+
+
+def write_authors_image(folder: str | Path, seed: int = 0) -> Path:
+    """A one-image COCO folder: 512x512 RGB (smooth background, 3 textured ellipses), 3
+    boxes of 2 categories (masks too, unused by box-supervised training)."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:512, 0:512].astype(np.float32)
+    image = np.stack([96 + 60 * np.sin(xx / 70 + c) * np.cos(yy / 90 - c) for c in range(3)], axis=-1)
+    boxes = [(60, 80, 260, 300, 1), (300, 40, 470, 220, 2), (220, 300, 460, 480, 1)]
+    anns = []
+    for k, (x1, y1, x2, y2, cat) in enumerate(boxes):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        colour = rng.uniform(30, 230, size=3)
+        image[inside] = colour + 25 * np.sin(xx[inside, None] / 6.0)
+        rle = mask_utils.encode(np.asfortranarray(inside.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        anns.append({"id": k + 1, "image_id": 1, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(inside.sum()), "iscrowd": 0, "segmentation": rle})
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / "images" / "bench.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "bench.png", "height": 512, "width": 512}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "thing_a"}, {"id": 2, "name": "thing_b"}],
+    }
+    for split in ("train", "val"):
+        (folder / "annotations" / f"{split}.json").write_text(json.dumps(coco))
+    return folder
+
+
 def cmd_train_speed(args) -> int:
+    import tempfile
+
     from training.config import load_config
     from training.train import Trainer, infinite
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, list(args.overrides))
-    trainer = Trainer(cfg, args.data, Path("/tmp") / "boxteacher-bench-train", args.device)
-    data = infinite(trainer.loader)
-    batches = [next(data) for _ in range(args.warmup + args.iters)]
-    for images, targets in batches[: args.warmup]:
-        trainer.step(images, targets)
-    if args.device.startswith("cuda"):
+    threads = args.threads or (2 if args.authors_setting else None)
+    if threads:
+        torch.set_num_threads(threads)
+    workdir = Path(tempfile.mkdtemp(prefix="boxteacher-bench-train-"))
+    if args.authors_setting:
+        data = write_authors_image(workdir / "data")
+        cfg = load_config(None, authors_setting_overrides(args.authors_setting) + list(args.overrides))
+    else:
+        if not (args.config and args.data):
+            raise ValueError("benchmark train needs --config and --data (or --authors-setting)")
+        data = args.data
+        cfg = load_config(args.config, list(args.overrides))
+    trainer = Trainer(cfg, data, workdir / "run", args.device)
+    stream = infinite(trainer.loader)
+    cuda = args.device.startswith("cuda")
+    for _ in range(args.warmup):
+        trainer.step(*next(stream))
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for images, targets in batches[args.warmup :]:
-        trainer.step(images, targets)
-    if args.device.startswith("cuda"):
+    for _ in range(args.iters):  # data loading included, as in the authors' loop
+        trainer.step(*next(stream))
+    if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.iters
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result = {"method": cfg.method, "s_per_iter": dt, "images_per_s": cfg.solver.batch_size / dt, "peak_rss_gib": peak_rss_gib, "threads": torch.get_num_threads()}
-    if args.device.startswith("cuda"):
-        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result = {
+        "method": trainer.cfg.method,
+        "setting": args.authors_setting or args.config,
+        "s_per_iter": round(dt, 4),
+        "images_per_s": round(trainer.cfg.solver.batch_size / dt, 3),
+        "peak_rss_gib": round(peak_rss_gib, 3),
+        "threads": torch.get_num_threads(),
+        "amp": trainer.cfg.solver.amp,
+        "skipped_steps": trainer.skipped_steps,
+    }
+    if cuda:
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if args.authors_setting:
+        theirs = AUTHORS_SETTINGS[args.authors_setting]
+        result["authors_s_per_iter"] = theirs["s_per_iter"]
+        result["authors_peak_rss_gib"] = theirs["peak_rss_gib"]
+        result["speedup_vs_authors"] = round(theirs["s_per_iter"] / dt, 2)
     print(json.dumps(result))
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
