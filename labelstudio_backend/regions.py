@@ -1,0 +1,151 @@
+"""Label Studio regions <-> pixels: rectangles in percent, masks as brush RLE.
+
+Label Studio stores a rectangle as percentages of the original (EXIF-corrected) image
+size, top-left origin, ``rotation`` in degrees clockwise about the top-left corner::
+
+    x0 = x / 100 * W,  y0 = y / 100 * H,  x1 = (x + width) / 100 * W,  y1 = (y + height) / 100 * H
+
+A mask travels as Label Studio's *brush RLE* (not COCO RLE): the H x W mask repeated into
+RGBA bytes, run-length packed (``label_studio_sdk.converter.brush``). The encoder wants
+uint8 0/255 (a bool mask is refused, and 0/1 draws an invisible alpha of 1).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rectangle:
+    """An annotator's rectangle in pixels (xyxy, axis-aligned), with its label and origin."""
+
+    box: tuple[float, float, float, float]
+    label: str | None
+    region_id: str | None = None
+    from_name: str | None = None
+
+
+def percent_to_pixels(value: dict, width: int, height: int) -> tuple[float, float, float, float]:
+    """A rectangle's ``value`` (x, y, width, height in percent; rotation in degrees) ->
+    xyxy pixels of the image ``width`` x ``height``.
+
+    For a rotated rectangle, the axis-aligned box around its four corners.
+    """
+    x = float(value["x"]) / 100.0 * width
+    y = float(value["y"]) / 100.0 * height
+    w = float(value["width"]) / 100.0 * width
+    h = float(value["height"]) / 100.0 * height
+    rotation = float(value.get("rotation") or 0.0)
+    if rotation % 360 == 0:
+        return x, y, x + w, y + h
+    t = math.radians(rotation)
+    c, s = math.cos(t), math.sin(t)
+    corners = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def pixels_to_percent(box: Sequence[float], width: int, height: int) -> dict:
+    """xyxy pixels -> a rectangle ``value`` (percent, rotation 0)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return {
+        "x": x0 / width * 100.0,
+        "y": y0 / height * 100.0,
+        "width": (x1 - x0) / width * 100.0,
+        "height": (y1 - y0) / height * 100.0,
+        "rotation": 0,
+    }
+
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """(H, W) bool (or 0/1, or 0/255) -> Label Studio brush RLE bytes, as ints."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"a mask must be 2-D (H, W); got shape {list(m.shape)}")
+    return mask2rle(np.where(m > 0, 255, 0).astype(np.uint8))
+
+
+def rle_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray:
+    """Brush RLE -> (H, W) bool (alpha > 0), with label-studio-sdk's decoder."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    flat = decode_rle(list(rle))
+    if flat.size != width * height * 4:
+        raise ValueError(f"the RLE holds {flat.size} values; {width}x{height} RGBA needs {width * height * 4}")
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def brush_result(
+    mask: np.ndarray, label: str | None, score: float, from_name: str, to_name: str, width: int, height: int, rid: str | None = None
+) -> dict:
+    """One ``brushlabels`` result item (what Label Studio stores in a prediction)."""
+    return {
+        "id": rid or region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label] if label else []},
+        "score": _finite(score),
+        "readonly": False,
+    }
+
+
+def rectangle_result(
+    box: Sequence[float], label: str, score: float, from_name: str, to_name: str, width: int, height: int, rid: str | None = None
+) -> dict:
+    """One ``rectanglelabels`` result item, box in xyxy pixels."""
+    value = pixels_to_percent(box, width, height)
+    value["rectanglelabels"] = [label]
+    return {
+        "id": rid or region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "rectanglelabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+        "score": _finite(score),
+        "readonly": False,
+    }
+
+
+def rectangles_in(results: Sequence[dict] | None, width: int, height: int, to_name: str | None = None) -> list[Rectangle]:
+    """The ``rectanglelabels`` / ``rectangle`` items of a result list (annotation, draft or
+    interactive context) as pixel boxes of a ``width`` x ``height`` image; items on another
+    image than ``to_name`` are skipped."""
+    rects = []
+    for item in results or []:
+        if not isinstance(item, dict) or item.get("type") not in ("rectanglelabels", "rectangle"):
+            continue
+        if to_name is not None and item.get("to_name") not in (None, to_name):
+            continue
+        value = item.get("value") or {}
+        if not all(k in value for k in ("x", "y", "width", "height")):
+            continue
+        labels = value.get("rectanglelabels") or []
+        rects.append(Rectangle(percent_to_pixels(value, width, height), labels[0] if labels else None, item.get("id"), item.get("from_name")))
+    return rects
+
+
+def has_rectangles(results: Sequence[dict] | None) -> bool:
+    return any(isinstance(r, dict) and r.get("type") in ("rectanglelabels", "rectangle") for r in results or [])
+
+
+def _finite(x: float) -> float:
+    x = float(x)
+    return round(x, 4) if math.isfinite(x) else 0.0
