@@ -1,0 +1,157 @@
+"""Box-prompted masks: exactly one instance per given box, in the given order.
+
+Written once, used by every runtime (PyTorch, ONNX Runtime, TensorRT):
+
+1. the model's own detections are matched to the boxes with Algorithm 1
+   (:func:`training.boxteacher.assign_pseudo_masks`: greedy, one-to-one, IoU >= 0.5,
+   predictions visited by descending mask-aware score);
+2. a matched box takes that detection's mask, class and detection score;
+3. a box without a match takes the "prompt" outputs: the dynamic mask head run with
+   the controller parameters at the box centre on the FPN level its size falls into
+   (:func:`training.model.fcos.prompt_detections`), and the class / detection score
+   at that cell;
+4. every mask is clipped to its box and scored with the mask-aware score
+   (:func:`training.model.scores.mask_aware_score`) over the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training.boxteacher import assign_pseudo_masks
+from training.model.processing import paste_masks
+from training.model.scores import mask_aware_score
+
+# ``Instance.source`` values
+SOURCE_DETECTION = "detection"  # the model's own detection (no boxes given)
+SOURCE_MATCHED = "matched"  # a given box matched to a detection (Algorithm 1)
+SOURCE_PROMPT = "prompt"  # a given box without a match: mask head at the box centre
+
+
+def validate_boxes(boxes: np.ndarray | list, image_hw: tuple[int, int]) -> np.ndarray:
+    """Check prompt boxes and clip them to the image.
+
+    boxes: (n, 4) xyxy in the image's pixels. Returns (n, 4) float32 clipped to
+    [0, W] x [0, H]. Raises ValueError naming the first bad box: not (n, 4),
+    non-finite, x2 <= x1 or y2 <= y1, or nothing left after clipping (outside the image).
+    """
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (n, 4) as [[x1, y1, x2, y2], ...]; got shape {list(arr.shape)}")
+    h, w = image_hw
+    for i, (x1, y1, x2, y2) in enumerate(arr):
+        if not np.all(np.isfinite([x1, y1, x2, y2])):
+            raise ValueError(f"box {i} has a non-finite coordinate: {[float(v) for v in (x1, y1, x2, y2)]}")
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"box {i} is empty or inverted (needs x2 > x1 and y2 > y1): {[float(v) for v in (x1, y1, x2, y2)]}")
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+        if cx2 <= cx1 or cy2 <= cy1:
+            raise ValueError(f"box {i} lies outside the {w}x{h} image: {[float(v) for v in (x1, y1, x2, y2)]}")
+    clipped = arr.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, w)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, h)
+    return clipped.astype(np.float32)
+
+
+def box_pixel_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(n, 4) xyxy pixels -> (n, H, W) bool: pixel (row r, col c) is inside a box when
+    floor(x1) <= c < ceil(x2) and floor(y1) <= r < ceil(y2) (the pixels the box touches)."""
+    device = boxes.device
+    cols = torch.arange(width, device=device)
+    rows = torch.arange(height, device=device)
+    x1, y1 = boxes[:, 0].floor()[:, None], boxes[:, 1].floor()[:, None]
+    x2, y2 = boxes[:, 2].ceil()[:, None], boxes[:, 3].ceil()[:, None]
+    in_cols = (cols[None] >= x1) & (cols[None] < x2)  # (n, W)
+    in_rows = (rows[None] >= y1) & (rows[None] < y2)  # (n, H)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+@dataclass
+class PromptedMasks:
+    """One row per given box, in order (original image pixels).
+
+    labels (P,) int64; det_scores (P,) float; mask_scores (P,) mask-aware score over
+    the box; masks (P, H, W) bool, clipped to the box; sources: list of
+    ``"matched"`` / ``"prompt"``; matched_index (P,) detection index or -1.
+    """
+
+    labels: Tensor
+    det_scores: Tensor
+    mask_scores: Tensor
+    masks: Tensor
+    sources: list[str]
+    matched_index: Tensor
+
+
+def box_prompted_masks(
+    boxes: Tensor,
+    det_boxes: Tensor,
+    det_labels: Tensor,
+    det_scores: Tensor,
+    det_mask_scores: Tensor,
+    det_mask_probs: Tensor,
+    prompt_labels: Tensor,
+    prompt_det_scores: Tensor,
+    prompt_mask_probs: Tensor,
+    input_hw: tuple[int, int],
+    output_hw: tuple[int, int],
+    mask_threshold: float = 0.5,
+    mask_stride: int = 4,
+    iou_threshold: float = 0.5,
+    match_score_threshold: float = 0.05,
+) -> PromptedMasks:
+    """Exactly one mask per box (the shared box-prompt logic of every runtime).
+
+    Args:
+        boxes: (P, 4) xyxy in original pixels, already validated and clipped.
+        det_boxes: (K, 4) the model's detections, xyxy in original pixels.
+        det_labels, det_scores, det_mask_scores: (K,) class, detection score, mask-aware score.
+        det_mask_probs: (K, hp/4, wp/4) stride-4 probabilities on the padded input canvas.
+        prompt_labels, prompt_det_scores: (P,) class and detection score at each box's
+            prompt location; prompt_mask_probs: (P, hp/4, wp/4) its mask probabilities.
+        input_hw: the resized (un-padded) network input size; output_hw: the original size.
+    Returns:
+        :class:`PromptedMasks`.
+    """
+    num = boxes.shape[0]
+    h, w = output_hw
+    device = det_mask_probs.device
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    matched = assign_pseudo_masks(
+        det_boxes.to(device), det_mask_scores.to(device), boxes, iou_threshold=iou_threshold, score_threshold=match_score_threshold
+    )
+    if num == 0:
+        empty = torch.zeros(0, device=device)
+        return PromptedMasks(empty.long(), empty, empty, torch.zeros(0, h, w, dtype=torch.bool, device=device), [], matched)
+    has = matched >= 0
+    safe = matched.clamp(min=0)
+    if det_mask_probs.shape[0] > 0:
+        probs_s4 = torch.where(has[:, None, None], det_mask_probs[safe], prompt_mask_probs.to(device))
+        labels = torch.where(has, det_labels.to(device)[safe].long(), prompt_labels.to(device).long())
+        det = torch.where(has, det_scores.to(device)[safe].float(), prompt_det_scores.to(device).float())
+    else:
+        probs_s4 = prompt_mask_probs.to(device)
+        labels = prompt_labels.to(device).long()
+        det = prompt_det_scores.to(device).float()
+    masks = torch.zeros(num, h, w, dtype=torch.bool, device=device)
+    scores = torch.zeros(num, device=device)
+    for sl in chunk_slices(num, h * w):
+        inside = box_pixel_masks(boxes[sl], h, w)
+        probs = paste_masks(probs_s4[sl].float(), input_hw, output_hw, mask_stride) * inside
+        scores[sl] = mask_aware_score(det[sl], probs, None, mask_threshold)
+        masks[sl] = probs > mask_threshold
+    sources = [SOURCE_MATCHED if m else SOURCE_PROMPT for m in has.tolist()]
+    return PromptedMasks(labels, det, scores, masks, sources, matched)
+
+
+def chunk_slices(num: int, pixels_per_item: int, max_floats: int = 32 * 1024 * 1024) -> list[slice]:
+    """Slices over ``num`` items so that one chunk of full-size float masks stays
+    under ``max_floats`` values (128 MiB of float32): bounds the memory of pasting."""
+    step = max(1, max_floats // max(pixels_per_item, 1))
+    return [slice(i, min(i + step, num)) for i in range(0, num, step)]
