@@ -5,7 +5,7 @@ A checkpoint is a ``torch.save`` dict:
   config: the fully resolved Config (dict), class names included,
   student: state dict of the trained network,
   teacher: state dict of the EMA teacher (BoxTeacher only; what eval uses by default),
-  iteration, optimizer, scheduler, scaler, rng (training state, optional),
+  iteration, optimizer, scheduler, scaler, rng, nonfinite, world_size (training state, optional),
   meta: free-form provenance (e.g. converted from the authors' checkpoint).
 """
 

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder for checkpoints, logs and metrics")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation on the val split")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest valid checkpoint in --output (a damaged one is skipped with a warning)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. solver.base_lr=0.005")
     p.set_defaults(func=cmd_train)
 
@@ -90,19 +96,20 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Train on one process, or on every process of a torchrun job (DDP); rank 0 prints
+    and writes the checkpoints, the logs and one metrics.json."""
     from training.config import load_config
-    from training.evaluate import evaluate_model, write_metrics
-    from training.checkpoint import load_model
+    from training.distributed import is_main_process, launch
     from training.train import train
 
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg, args.data, args.output, device=args.device)
-    print(f"checkpoint: {final}")
-    if not args.no_eval:
-        model, _ = load_model(final, device=args.device)
-        metrics = evaluate_model(model, args.data, "val")
-        path = write_metrics(metrics, args.output)
-        print(f"segm AP {metrics['segm']['AP']:.2f}  bbox AP {metrics['bbox']['AP']:.2f}  ({path})")
+    with launch(args.device) as device:
+        final = train(cfg, args.data, args.output, device=device, progress=not args.no_progress, resume=args.resume, evaluate=not args.no_eval)
+        if is_main_process():
+            print(f"checkpoint: {final}")
+            if not args.no_eval:
+                metrics = json.loads((Path(args.output) / "metrics.json").read_text())
+                print(f"segm AP {metrics['segm']['AP']:.2f}  bbox AP {metrics['bbox']['AP']:.2f}  ({Path(args.output) / 'metrics.json'})")
     return 0
 
 

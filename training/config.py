@@ -130,6 +130,10 @@ class SolverConfig(_Section):
     grad_accum_steps: int = 1
     # Linear scaling rule: when set, lr and batch scale together from this reference.
     reference_world_size: int | None = None
+    # Memory format of the networks while training. "auto": channels_last (NHWC) on CPU,
+    # where oneDNN's NHWC convolutions are faster (R-50 BoxTeacher step: 3.8 vs 4.4 s);
+    # contiguous (NCHW) on GPU.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
 
 class DataConfig(_Section):

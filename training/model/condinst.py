@@ -106,8 +106,14 @@ class CondInst(nn.Module):
 
     def mean_mask_prob(self, probs_s4: Tensor, input_hw: tuple[int, int]) -> Tensor:
         """m_bar of each mask at the input resolution (the score's resolution)."""
-        full = aligned_bilinear(probs_s4[:, None], self.cfg.model.mask.out_stride)[:, 0, : input_hw[0], : input_hw[1]]
-        return mean_foreground_probability(full, None, self.cfg.model.mask.threshold)
+        if probs_s4.shape[0] == 0:
+            return probs_s4.new_zeros(0)
+        # In chunks: the full-resolution maps of 100 detections would dominate peak memory.
+        out = []
+        for chunk in probs_s4.split(16):
+            full = aligned_bilinear(chunk[:, None], self.cfg.model.mask.out_stride)[:, 0, : input_hw[0], : input_hw[1]]
+            out.append(mean_foreground_probability(full, None, self.cfg.model.mask.threshold))
+        return torch.cat(out)
 
     @torch.no_grad()
     def predict(
