@@ -21,7 +21,7 @@ from torch import Tensor
 
 from training.model.condinst import CondInst, InputDetections
 from training.model.fcos import Detections, prompt_detections
-from training.model.processing import normalize_and_pad, resize_image
+from training.model.processing import fit_long_side, normalize_and_pad, pad_to_canvas, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +210,11 @@ def prepare_image(image: Tensor, meta: dict[str, Any]) -> tuple[Tensor, tuple[in
     un-padded (h, w): test-scale resize (fitted into a fixed canvas), normalise, pad."""
     min_size, max_size = int(meta["min_size_test"]), int(meta["max_size_test"])
     fixed = None if meta.get("dynamic", True) else meta.get("input_size")
-    long_cap = max_size
-    if fixed:
-        h, w = int(image.shape[-2]), int(image.shape[-1])
-        long_cap = max(1, min(max_size, int(min(fixed[0] / h, fixed[1] / w) * max(h, w))))
+    fixed_hw = (int(fixed[0]), int(fixed[1])) if fixed else None
+    long_cap = fit_long_side(int(image.shape[-2]), int(image.shape[-1]), max_size, fixed_hw)
     resized = resize_image(image, min_size, long_cap)
     batch, sizes = normalize_and_pad([resized], meta["pixel_mean"], meta["pixel_std"], meta["channel_format"], int(meta["size_divisibility"]))
-    if fixed and tuple(batch.shape[-2:]) != tuple(fixed):
-        canvas = batch.new_zeros(1, 3, int(fixed[0]), int(fixed[1]))
-        canvas[:, :, : batch.shape[2], : batch.shape[3]] = batch
-        batch = canvas
-    return batch, sizes[0]
+    return pad_to_canvas(batch, fixed_hw), sizes[0]
 
 
 # ---- a dataset ----------------------------------------------------------------------------

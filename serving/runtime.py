@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from serving.prompting import SOURCE_DETECTION, box_prompted_masks, chunk_slices, validate_boxes
-from training.model.processing import normalize_and_pad, paste_masks, resize_image, scale_boxes
+from training.model.processing import fit_long_side, normalize_and_pad, pad_to_canvas, paste_masks, resize_image, scale_boxes
 
 log = logging.getLogger(__name__)
 
@@ -259,24 +259,14 @@ class Predictor(ABC):
     def _resize(self, image: Tensor) -> Tensor:
         """(3, H, W) -> the network's input size (test-scale rule; fits a fixed canvas)."""
         s = self.input_spec
-        long_cap = s.max_size
-        if s.fixed_hw is not None:
-            # cap the long side so that both sides fit the fixed canvas
-            fh, fw = s.fixed_hw
-            h, w = int(image.shape[-2]), int(image.shape[-1])
-            long_cap = max(1, min(long_cap, int(min(fh / h, fw / w) * max(h, w))))
+        long_cap = fit_long_side(int(image.shape[-2]), int(image.shape[-1]), s.max_size, s.fixed_hw)
         return resize_image(image, s.min_size, long_cap)
 
     def _normalize(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Resized images -> (B, 3, Hp, Wp) float32 batch (on the images' device) and sizes."""
         s = self.input_spec
         batch, sizes = normalize_and_pad(images, list(s.pixel_mean), list(s.pixel_std), s.channel_format, s.size_divisibility)
-        if s.fixed_hw is not None and tuple(batch.shape[-2:]) != tuple(s.fixed_hw):
-            canvas = batch.new_zeros(batch.shape[0], 3, *s.fixed_hw)
-            h, w = min(batch.shape[2], s.fixed_hw[0]), min(batch.shape[3], s.fixed_hw[1])
-            canvas[:, :, :h, :w] = batch[:, :, :h, :w]
-            batch = canvas
-        return batch, sizes
+        return pad_to_canvas(batch, s.fixed_hw), sizes
 
     def _finish(
         self,

@@ -23,13 +23,14 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from training.losses import box_masks as rasterize_boxes
-from training.model.scores import authors_pseudo_weight, mask_aware_score, mean_foreground_probability
 from training.losses import (
     dice_loss,
     log_fg_bg_probabilities,
     log_same_label_probability,
     unfold_neighbours,
 )
+
+from training.model.scores import authors_pseudo_weight, mask_aware_score, mean_foreground_probability  # re-exported
 
 __all__ = [
     "ema_momentum",

@@ -91,3 +91,22 @@ def scale_boxes(boxes: Tensor, input_hw: tuple[int, int], output_hw: tuple[int, 
     out[:, 0::2] = out[:, 0::2].clamp(0, output_hw[1])
     out[:, 1::2] = out[:, 1::2].clamp(0, output_hw[0])
     return out
+
+
+def fit_long_side(height: int, width: int, max_size: int, fixed_hw: tuple[int, int] | None) -> int:
+    """The long-side cap that makes a test-scale resize also fit a fixed canvas
+    (an ONNX/TensorRT graph exported at one size); ``max_size`` when there is none."""
+    if fixed_hw is None:
+        return max_size
+    fh, fw = fixed_hw
+    return max(1, min(max_size, int(min(fh / height, fw / width) * max(height, width))))
+
+
+def pad_to_canvas(batch: Tensor, fixed_hw: tuple[int, int] | None) -> Tensor:
+    """Zero-pad (or crop) a (B,3,Hp,Wp) batch to a fixed (H, W) canvas; unchanged without one."""
+    if fixed_hw is None or tuple(batch.shape[-2:]) == tuple(fixed_hw):
+        return batch
+    canvas = batch.new_zeros(batch.shape[0], batch.shape[1], *fixed_hw)
+    h, w = min(batch.shape[2], fixed_hw[0]), min(batch.shape[3], fixed_hw[1])
+    canvas[:, :, :h, :w] = batch[:, :, :h, :w]
+    return canvas
