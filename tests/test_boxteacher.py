@@ -316,6 +316,15 @@ def test_affinity_loss_authors_and_paper_modes_by_hand():
         -(math.log(0.9 * 0.7) + math.log(0.1 * 0.3)) - (math.log(0.9 * 0.6) + math.log(0.1 * 0.4))
     ) / 2
     assert paper.item() == pytest.approx(expected_paper, abs=1e-4)
+    # "label": both selected edges join foreground pixels (refined centre column 2/3 > 0.5)
+    refined = refine_pseudo_masks(_column_mask())
+    label = affinity_loss(logits, aff, box, threshold=0.5, mode="label", dilation=1, refined=refined)
+    assert label.item() == pytest.approx((-math.log(0.9 * 0.7) - math.log(0.9 * 0.6)) / 2, abs=1e-5)
+    # a background pair: flip everything (labels and probabilities) -> the same value
+    flipped = affinity_loss(-logits, aff, box, threshold=0.5, mode="label", dilation=1, refined=1 - refined)
+    assert flipped.item() == pytest.approx(label.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="refined"):
+        affinity_loss(logits, aff, box, mode="label", dilation=1)
     # A = 7/18 ~ 0.389 edges join when the threshold drops below it: 4 more edges
     low = affinity_loss(logits, aff, box, threshold=0.38, mode="authors", dilation=1)
     extra = 2 * -math.log(0.9 * 0.2 + 0.1 * 0.8)

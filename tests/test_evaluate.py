@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import write_checkpoint, tiny_config
@@ -70,13 +72,14 @@ def test_eval_reports_missing_checkpoint_clearly(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_pseudo_label_command_writes_one_mask_per_matched_box(synthetic_dataset, tmp_path):
+def test_pseudo_label_command_writes_one_mask_per_matched_box(synthetic_dataset, tmp_path, capsys):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     ckpt = write_checkpoint(tmp_path / "m.pth", tiny_config(num_classes=7))
     out = tmp_path / "ann.json"
     assert main(["pseudo-label", "--weights", str(ckpt), "--data", str(synthetic_dataset), "--split", "val", "--output", str(out)]) == 0
+    assert "against the split's true masks" in capsys.readouterr().out  # the synthetic split has masks
     result = json.loads(out.read_text())
     gt = COCO(str(synthetic_dataset / "annotations" / "val.json"))
     assert len(result["images"]) == len(gt.getImgIds())
@@ -90,3 +93,38 @@ def test_pseudo_label_command_writes_one_mask_per_matched_box(synthetic_dataset,
         ys, xs = m.nonzero()
         x, y, w, h = src["bbox"]
         assert xs.min() >= int(x) and xs.max() <= int(x + w) and ys.min() >= int(y) and ys.max() <= int(y + h)
+
+
+def test_pseudo_mask_quality_against_hidden_true_masks(tmp_path):
+    """Hand-made: A (4x4 square) gets a pseudo mask of its top half -> IoU 8/16 = 0.5;
+    B (its 4x2 box minus two corners: 6 px) gets none -> 0. Box fill: A 1, B 6/8."""
+    from PIL import Image
+
+    from training.evaluate import encode_mask
+    from training.pseudo_label import pseudo_mask_quality
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    a = np.zeros((8, 8), bool)
+    a[0:4, 0:4] = True
+    b = np.zeros((8, 8), bool)
+    b[4:6, 4:8] = True
+    b[4, 4] = b[5, 7] = False
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 16, "bbox": [0, 0, 4, 4], "segmentation": encode_mask(a)},
+        {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 6, "bbox": [4, 4, 4, 2], "segmentation": encode_mask(b)},
+    ]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}], "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / "annotations" / "train.json").write_text(json.dumps(coco))
+    half = np.zeros((8, 8), bool)
+    half[0:2, 0:4] = True
+    pseudo = {"images": coco["images"], "annotations": [dict(anns[0], segmentation=encode_mask(half), score=0.9)]}
+
+    q = pseudo_mask_quality(pseudo, tmp_path, "train")
+    assert q == pytest.approx({"boxes": 2.0, "coverage": 0.5, "matched_iou": 0.5, "mean_iou": 0.25, "boxfill_iou": 0.875})
+
+    for ann in coco["annotations"]:  # a box-only split: nothing to compare with
+        ann.pop("segmentation")
+    (tmp_path / "annotations" / "train.json").write_text(json.dumps(coco))
+    assert pseudo_mask_quality(pseudo, tmp_path, "train") is None

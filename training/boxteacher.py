@@ -365,7 +365,7 @@ def pseudo_affinity(
     return affinity * valid_j
 
 
-AFFINITY_MODES = ("paper", "authors")
+AFFINITY_MODES = ("paper", "label", "authors")
 
 
 def affinity_loss(
@@ -376,6 +376,7 @@ def affinity_loss(
     mode: str = "paper",
     kernel_size: int = 3,
     dilation: int = 2,
+    refined: Tensor | None = None,
 ) -> Tensor:
     """Noise-reduced mask affinity loss per instance (paper eq. 5), mean over selected edges.
 
@@ -386,6 +387,10 @@ def affinity_loss(
     - ``"paper"``: eq. 5 read literally, l_ij = -[log(p_i p_j) + log((1-p_i)(1-p_j))],
       with log-probabilities floored at -100 (probabilities clamped). Note: this term does
       not depend on the pseudo labels except through E_k and is minimal at p = 0.5.
+    - ``"label"``: only the term that matches the pseudo label pair: l_ij = -log(p_i p_j)
+      on a foreground pair (g~_i > 0.5), -log((1-p_i)(1-p_j)) on a background pair. On a
+      selected edge both ends lie on the same side of 0.5, since
+      A_ij = 1/2 + (2 g~_i - 1)(2 g~_j - 1) / 2 > 1/2. Needs ``refined``.
     - ``"authors"``: l_ij = -log(p_i p_j + (1-p_i)(1-p_j)), the same-label probability
       used by the authors' ``loss_mask_affinity`` (the BoxInst pairwise term on these edges).
 
@@ -396,14 +401,23 @@ def affinity_loss(
         mask_logits: ``(K, 1, h, w)`` student logits.
         affinity: ``(K, 8, h, w)`` :func:`pseudo_affinity`.
         box_masks: ``(K, h, w)`` GT box masks at the same stride (centre pixel).
+        refined: ``(K, 1, h, w)`` :func:`refine_pseudo_masks` output (mode ``"label"``).
     Returns:
         ``(K,)`` float32.
     """
+    if mode == "label" and refined is None:
+        raise ValueError("affinity mode 'label' needs the refined pseudo masks (refined=...)")
     if mode not in AFFINITY_MODES:
         raise ValueError(f"unknown affinity mode {mode!r}; allowed: {', '.join(AFFINITY_MODES)}")
     edges = (affinity > threshold).float() * box_masks.float()[:, None]  # (K, 8, h, w)
     if mode == "authors":
         per_edge = -log_same_label_probability(mask_logits, kernel_size, dilation)
+    elif mode == "label":
+        log_fg, log_bg = log_fg_bg_probabilities(mask_logits)  # (K, 1, h, w)
+        log_fg_j = unfold_neighbours(log_fg, kernel_size, dilation)[:, 0]
+        log_bg_j = unfold_neighbours(log_bg, kernel_size, dilation)[:, 0]
+        foreground = refined.float() > 0.5  # (K, 1, h, w): the label of the pair (edge selected)
+        per_edge = -torch.where(foreground, log_fg + log_fg_j, log_bg + log_bg_j)
     else:
         log_fg, log_bg = log_fg_bg_probabilities(mask_logits)  # (K, 1, h, w)
         log_i = log_fg + log_bg
@@ -485,7 +499,7 @@ def noise_aware_pseudo_mask_loss(
         refined = refine_pseudo_masks(pseudo_soft.reshape(num, 1, *pseudo_soft.shape[-2:]))
         affinity = pseudo_affinity(refined, valid, kernel_size, dilation)
         per_aff = affinity_loss(
-            mask_logits, affinity, box_masks, affinity_threshold, affinity_mode, kernel_size, dilation
+            mask_logits, affinity, box_masks, affinity_threshold, affinity_mode, kernel_size, dilation, refined
         )
         loss_aff = (s * per_aff).sum() / num_pseudo
     else:

@@ -164,9 +164,16 @@ def cmd_convert(args) -> int:
 
 def cmd_pseudo_label(args) -> int:
     from training.checkpoint import load_model
-    from training.pseudo_label import write_pseudo_labels
+    from training.pseudo_label import pseudo_mask_quality, write_pseudo_labels
 
     model, _ = load_model(args.weights, args.branch, device=args.device)
-    path = write_pseudo_labels(model, args.data, args.split, args.output)
-    print(f"wrote {path}")
+    path, result = write_pseudo_labels(model, args.data, args.split, args.output)
+    print(f"wrote {path}: {len(result['annotations'])} pseudo masks")
+    quality = pseudo_mask_quality(result, args.data, args.split)
+    if quality is not None:  # the split also has true masks: say how close the pseudo masks are
+        print(
+            f"against the split's true masks ({int(quality['boxes'])} boxes): coverage {quality['coverage']:.3f}, "
+            f"mask IoU {quality['matched_iou']:.3f} where matched, {quality['mean_iou']:.3f} over all boxes "
+            f"(filled boxes: {quality['boxfill_iou']:.3f})"
+        )
     return 0

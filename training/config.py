@@ -110,7 +110,7 @@ class BoxTeacherConfig(_Section):
     use_affinity: bool = True
     affinity_weight: float = 0.1
     affinity_threshold: float = 0.5
-    affinity_mode: Literal["paper", "authors"] = "paper"  # see training.boxteacher.affinity_loss
+    affinity_mode: Literal["paper", "label", "authors"] = "paper"  # see training.boxteacher.affinity_loss
     quality: Literal["none", "cls", "iou", "mean_entropy", "mask_aware", "mask_aware_authors"] = "mask_aware"
     warmup_iters: int = 10000  # linear warm-up of the pseudo-mask losses
 

@@ -12,11 +12,13 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from training.boxteacher import assign_pseudo_masks, crop_masks_to_boxes
 from training.data.coco import CocoInstances
-from training.evaluate import encode_mask
+from training.evaluate import box_fill_masks, encode_mask
 from training.losses import box_masks
 from training.model.condinst import CondInst
 from training.model.scores import mask_aware_score
@@ -63,9 +65,57 @@ def pseudo_label_dataset(model: CondInst, data_dir: str | Path, split: str = "tr
     }
 
 
-def write_pseudo_labels(model: CondInst, data_dir: str | Path, split: str, output: str | Path) -> Path:
+def pseudo_mask_quality(pseudo: dict, data_dir: str | Path, split: str = "train") -> dict[str, float] | None:
+    """How good are the pseudo masks, measured against the split's hidden true masks.
+
+    Training never reads these masks; this is a diagnostic (the integration test, the
+    ``pseudo-label`` command on a split that has masks). Over every GT box (not crowd,
+    non-empty) that has a true mask: ``coverage`` = share of boxes with a pseudo mask,
+    ``matched_iou`` = mean mask IoU over those, ``mean_iou`` = mean over all boxes with
+    0 for a box without one, ``boxfill_iou`` = the same mean for the filled boxes (what
+    box-only labels give). ``None`` when the split holds no masks.
+    """
+    dataset = CocoInstances(data_dir, split)
+    coco = dataset.coco
+    by_id = {a["id"]: a for a in pseudo["annotations"]}
+    image_ids = {im["id"] for im in pseudo["images"]}
+    ious, box_ious, matched = [], [], 0
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=sorted(image_ids), iscrowd=False)):
+        if not ann.get("segmentation") or ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+            continue
+        true = coco.annToMask(ann).astype(bool)
+        if not true.any():
+            continue
+        x, y, w, h = ann["bbox"]
+        box = box_fill_masks(torch.tensor([[x, y, x + w, y + h]]), *true.shape)[0].numpy()
+        box_ious.append(_iou(box, true))
+        p = by_id.get(ann["id"])
+        if p is None:
+            ious.append(0.0)
+            continue
+        matched += 1
+        ious.append(_iou(mask_utils.decode(p["segmentation"]).astype(bool), true))
+    if not ious:
+        return None
+    n = len(ious)
+    return {
+        "boxes": float(n),
+        "coverage": matched / n,
+        "matched_iou": sum(ious) / max(matched, 1),
+        "mean_iou": sum(ious) / n,
+        "boxfill_iou": sum(box_ious) / n,
+    }
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def write_pseudo_labels(model: CondInst, data_dir: str | Path, split: str, output: str | Path) -> tuple[Path, dict]:
+    """Write the pseudo-label file; returns its path and the pseudo-label dict."""
     result = pseudo_label_dataset(model, data_dir, split)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result))
-    return output
+    return output, result
