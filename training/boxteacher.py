@@ -412,17 +412,15 @@ def affinity_loss(
     edges = (affinity > threshold).float() * box_masks.float()[:, None]  # (K, 8, h, w)
     if mode == "authors":
         per_edge = -log_same_label_probability(mask_logits, kernel_size, dilation)
-    elif mode == "label":
+    else:
         log_fg, log_bg = log_fg_bg_probabilities(mask_logits)  # (K, 1, h, w)
         log_fg_j = unfold_neighbours(log_fg, kernel_size, dilation)[:, 0]
         log_bg_j = unfold_neighbours(log_bg, kernel_size, dilation)[:, 0]
-        foreground = refined.float() > 0.5  # (K, 1, h, w): the label of the pair (edge selected)
-        per_edge = -torch.where(foreground, log_fg + log_fg_j, log_bg + log_bg_j)
-    else:
-        log_fg, log_bg = log_fg_bg_probabilities(mask_logits)  # (K, 1, h, w)
-        log_i = log_fg + log_bg
-        log_j = unfold_neighbours(log_i, kernel_size, dilation)[:, 0]
-        per_edge = -(log_i + log_j)
+        if mode == "label":
+            foreground = refined.float() > 0.5  # (K, 1, h, w): the label of the pair (edge selected)
+            per_edge = -torch.where(foreground, log_fg + log_fg_j, log_bg + log_bg_j)
+        else:  # "paper"
+            per_edge = -(log_fg + log_bg + log_fg_j + log_bg_j)
     total = (per_edge * edges).flatten(1).sum(dim=1)
     count = edges.flatten(1).sum(dim=1)
     return total / count.clamp(min=1.0)

@@ -83,18 +83,18 @@ def pseudo_mask_quality(pseudo: dict, data_dir: str | Path, split: str = "train"
     for ann in coco.loadAnns(coco.getAnnIds(imgIds=sorted(image_ids), iscrowd=False)):
         if not ann.get("segmentation") or ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
             continue
-        true = coco.annToMask(ann).astype(bool)
-        if not true.any():
+        true = coco.annToRLE(ann)
+        if not mask_utils.area(true):
             continue
         x, y, w, h = ann["bbox"]
-        box = box_fill_masks(torch.tensor([[x, y, x + w, y + h]]), *true.shape)[0].numpy()
-        box_ious.append(_iou(box, true))
+        box = box_fill_masks(torch.tensor([[x, y, x + w, y + h]]), *true["size"])[0].numpy()
+        box_ious.append(_iou(mask_utils.encode(np.asfortranarray(box.astype(np.uint8))), true))
         p = by_id.get(ann["id"])
         if p is None:
             ious.append(0.0)
             continue
         matched += 1
-        ious.append(_iou(mask_utils.decode(p["segmentation"]).astype(bool), true))
+        ious.append(_iou(p["segmentation"], true))
     if not ious:
         return None
     n = len(ious)
@@ -107,9 +107,9 @@ def pseudo_mask_quality(pseudo: dict, data_dir: str | Path, split: str = "train"
     }
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def _iou(a: dict, b: dict) -> float:
+    """Mask IoU of two COCO RLEs (pycocotools)."""
+    return float(mask_utils.iou([a], [b], [0])[0, 0])
 
 
 def write_pseudo_labels(model: CondInst, data_dir: str | Path, split: str, output: str | Path) -> tuple[Path, dict]:
