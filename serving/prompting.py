@@ -3,7 +3,7 @@
 Written once, used by every runtime (PyTorch, ONNX Runtime, TensorRT):
 
 1. the model's own detections are matched to the boxes with Algorithm 1
-   (:func:`training.boxteacher.assign_pseudo_masks`: greedy, one-to-one, IoU >= 0.5,
+   (:func:`training.model.assignment.assign_pseudo_masks`: greedy, one-to-one, IoU >= 0.5,
    predictions visited by descending mask-aware score);
 2. a matched box takes that detection's mask, class and detection score;
 3. a box without a match takes the "prompt" outputs: the dynamic mask head run with
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.boxteacher import assign_pseudo_masks
+from training.model.assignment import assign_pseudo_masks
 from training.model.processing import paste_masks
 from training.model.scores import mask_aware_score
 
