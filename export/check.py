@@ -22,6 +22,7 @@ from torch import Tensor
 from training.model.condinst import CondInst, InputDetections
 from training.model.fcos import Detections, prompt_detections
 from training.model.processing import fit_long_side, normalize_and_pad, pad_to_canvas, resize_image
+from training.model.scores import mask_aware_score_from_mean
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def eager_outputs(
         out.update(
             prompt_labels=pd.labels,
             prompt_det_scores=pd.det_scores,
-            prompt_scores=(pd.det_scores.clamp(min=0) * m_bar).sqrt(),
+            prompt_scores=mask_aware_score_from_mean(pd.det_scores, m_bar),
             prompt_masks=probs,
         )
     return {name: value.detach().cpu().numpy() for name, value in out.items()}

@@ -35,7 +35,7 @@ from training.config import Config
 from training.model.condinst import CondInst
 from training.model.fcos import decode_detections, prompt_detections
 from training.model.mask_head import aligned_bilinear
-from training.model.scores import mean_foreground_probability
+from training.model.scores import mask_aware_score_from_mean, mean_foreground_probability
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ExportWrapper(nn.Module):
         full = aligned_bilinear(probs[:, None], self.mask_stride)[:, 0]
         m_bar = mean_foreground_probability(full, (rows & cols)[None], self.mask_threshold)
         all_det = torch.cat([det_scores, prompts.det_scores])
-        scores = (all_det.clamp(min=0) * m_bar).sqrt()
+        scores = mask_aware_score_from_mean(all_det, m_bar)
 
         masks = probs[:k] * valid[:, None, None]
         num_detections = valid.sum().reshape(1)

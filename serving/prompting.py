@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from training.model.assignment import assign_pseudo_masks
+from training.model.boxes import box_pixel_masks
 from training.model.processing import paste_masks
 from training.model.scores import mask_aware_score
 
@@ -57,19 +58,6 @@ def validate_boxes(boxes: np.ndarray | list, image_hw: tuple[int, int]) -> np.nd
     clipped[:, 0::2] = clipped[:, 0::2].clip(0, w)
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, h)
     return clipped.astype(np.float32)
-
-
-def box_pixel_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(n, 4) xyxy pixels -> (n, H, W) bool: pixel (row r, col c) is inside a box when
-    floor(x1) <= c < ceil(x2) and floor(y1) <= r < ceil(y2) (the pixels the box touches)."""
-    device = boxes.device
-    cols = torch.arange(width, device=device)
-    rows = torch.arange(height, device=device)
-    x1, y1 = boxes[:, 0].floor()[:, None], boxes[:, 1].floor()[:, None]
-    x2, y2 = boxes[:, 2].ceil()[:, None], boxes[:, 3].ceil()[:, None]
-    in_cols = (cols[None] >= x1) & (cols[None] < x2)  # (n, W)
-    in_rows = (rows[None] >= y1) & (rows[None] < y2)  # (n, H)
-    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 @dataclass

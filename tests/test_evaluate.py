@@ -12,7 +12,7 @@ import torch
 from conftest import write_checkpoint, tiny_config
 from training.cli import main
 from training.data.coco import CocoInstances
-from training.evaluate import METRIC_NAMES, box_fill_masks, coco_metrics, instances_to_coco
+from training.evaluate import METRIC_NAMES, coco_metrics, instances_to_coco
 from training.model.condinst import Instances
 
 
@@ -44,12 +44,6 @@ def test_ground_truth_as_predictions_gives_ap_100(synthetic_dataset):
         image_id, inst = _gt_instances(dataset, i)
         boxfill += instances_to_coco(inst, image_id, dataset.label_to_category_id, mask_mode="box")[1]
     assert coco_metrics(dataset.coco, boxfill, "segm", ids)["AP"] < 60.0
-
-
-def test_box_fill_masks_by_hand():
-    m = box_fill_masks(torch.tensor([[1.0, 0.0, 3.0, 2.0]]), 3, 4)
-    # pixel centres x+0.5 in [1,3] -> columns 1,2; y+0.5 in [0,2] -> rows 0,1
-    assert m[0].int().tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
 
 
 def test_empty_results_give_zero_ap(synthetic_dataset):

@@ -18,9 +18,10 @@ from pycocotools import mask as mask_utils
 from serving.batching import MicroBatcher, QueueFull
 from serving.images import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage, decode_image
 from serving.masks import encode_png, encode_polygon, encode_rle
-from serving.prompting import box_pixel_masks, validate_boxes
+from serving.prompting import validate_boxes
 from serving.runtime import Instance, PyTorchPredictor, load_predictor
 from training.data.synthetic import render_image
+from training.model.boxes import box_pixel_masks
 
 SMALL_SCALE = ["input.min_size_test=64", "input.max_size_test=96"]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
@@ -127,13 +128,6 @@ def test_prompt_masks_follow_the_box(predictor):
     assert [i.box.tolist() for i in out] == boxes.tolist()
     masks = [i.mask for i in out]
     assert not np.array_equal(masks[0], masks[1])
-
-
-def test_box_pixel_masks_cover_the_pixels_a_box_touches():
-    m = box_pixel_masks(torch.tensor([[1.5, 2.0, 4.0, 3.2]]), 5, 6)[0]
-    expected = np.zeros((5, 6), bool)
-    expected[2:4, 1:4] = True
-    assert np.array_equal(m.numpy(), expected)
 
 
 @pytest.mark.parametrize(

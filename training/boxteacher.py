@@ -11,7 +11,7 @@ method.md §3 and implementation-notes.md §1.2-§1.7:
   :func:`noise_aware_pseudo_mask_loss`: the student's pseudo-mask losses.
 
 Boxes are ``(n, 4)`` float ``xyxy`` pixels of the student's (padded) input; stride-4 maps
-use the sampling rule of :func:`training.losses.box_masks`.
+use the sampling rule of :func:`training.model.boxes.box_masks`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from training.losses import box_masks as rasterize_boxes
 from training.losses import (
     dice_loss,
     log_fg_bg_probabilities,
@@ -32,6 +31,7 @@ from training.losses import (
 )
 
 from training.model.assignment import assign_pseudo_masks  # re-exported (Algorithm 1 lives with the model)
+from training.model.boxes import box_masks as rasterize_boxes
 from training.model.scores import authors_pseudo_weight, mask_aware_score, mean_foreground_probability  # re-exported
 
 __all__ = [
@@ -226,7 +226,7 @@ def gather_assigned_masks(
 def crop_masks_to_boxes(masks: Tensor, boxes: Tensor) -> Tensor:
     """Zero each mask outside its box (method.md §3: the pseudo mask is cropped to its box).
 
-        out_k(y, x) = m_k(y, x) * B_k(y, x),   B_k: :func:`training.losses.box_masks` at stride 1
+        out_k(y, x) = m_k(y, x) * B_k(y, x),   B_k: :func:`training.model.boxes.box_masks` at stride 1
 
     Args:
         masks: ``(N, H, W)`` any dtype.

@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from training.data.coco import CocoInstances
+from training.model.boxes import box_fill_masks  # re-exported: the box-fill rule lives with the other box rules
 from training.model.condinst import CondInst, Instances
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ def encode_mask(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
-
-
-def box_fill_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(n,4) xyxy -> (n,H,W) bool, pixels whose centre lies inside the box."""
-    ys = torch.arange(height, dtype=torch.float32)[None, :, None] + 0.5
-    xs = torch.arange(width, dtype=torch.float32)[None, None, :] + 0.5
-    b = boxes.float().cpu()[:, :, None, None]
-    return (xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys >= b[:, 1]) & (ys <= b[:, 3])
 
 
 def instances_to_coco(inst: Instances, image_id: int, label_to_category_id: list[int], mask_mode: str = "mask") -> tuple[list[dict], list[dict]]:

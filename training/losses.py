@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.model.boxes import box_masks  # re-exported: the BoxInst rasterising rule lives with the model
+
 __all__ = [
     "LOG_PROB_FLOOR",
     "dice_loss",
@@ -67,41 +69,6 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
     numerator = 2.0 * (a * b).sum(dim=1)
     denominator = (a * a).sum(dim=1) + (b * b).sum(dim=1) + eps
     return 1.0 - numerator / denominator
-
-
-def box_masks(boxes: Tensor, height: int, width: int, stride: int = 4) -> Tensor:
-    """Rasterised box masks at ``stride``, BoxInst's rule (authors' ``add_bitmasks_from_boxes``).
-
-    At full resolution a box ``(x1, y1, x2, y2)`` fills rows ``int(y1):int(y2 + 1)`` and
-    columns ``int(x1):int(x2 + 1)`` (``int`` truncates); the stride-``s`` mask is that full
-    mask sampled at ``[s // 2 :: s, s // 2 :: s]`` (offset 2 at stride 4, offset 0 at stride
-    1). It is computed directly at the sampled pixels, without the full-resolution mask.
-
-    Negative lower bounds are clamped to 0 (the authors' boxes are clipped to the image, so
-    Python's negative-index slicing never happens there). A sub-pixel box covers exactly
-    one full-resolution pixel and may therefore be empty at stride 4.
-
-    Args:
-        boxes: ``(n, 4)`` float ``xyxy`` in full-resolution (padded input) pixels.
-        height, width: full-resolution (padded) size; a multiple of ``stride`` gives
-            ``(height // stride, width // stride)`` maps.
-        stride: sampling stride (1 = full resolution).
-    Returns:
-        ``(n, len(range(s//2, height, s)), len(range(s//2, width, s)))`` float32 in {0, 1},
-        on ``boxes.device``.
-    """
-    start = stride // 2
-    device = boxes.device
-    boxes = boxes.float().reshape(-1, 4)
-    ys = torch.arange(start, height, stride, device=device, dtype=torch.float32)
-    xs = torch.arange(start, width, stride, device=device, dtype=torch.float32)
-    x_lo = torch.trunc(boxes[:, 0]).clamp(min=0)
-    y_lo = torch.trunc(boxes[:, 1]).clamp(min=0)
-    x_hi = torch.trunc(boxes[:, 2] + 1)
-    y_hi = torch.trunc(boxes[:, 3] + 1)
-    in_rows = (ys[None, :] >= y_lo[:, None]) & (ys[None, :] < y_hi[:, None])  # (n, h)
-    in_cols = (xs[None, :] >= x_lo[:, None]) & (xs[None, :] < x_hi[:, None])  # (n, w)
-    return (in_rows[:, :, None] & in_cols[:, None, :]).float()
 
 
 def projection_loss(mask_probs: Tensor, box_masks: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from training.model.backbone import ResNetFPN
 from training.model.fcos import Detections, FCOSHead, HeadOutputs, decode_detections
 from training.model.mask_head import DynamicMaskHead, MaskBranch, aligned_bilinear, dynamic_param_count
 from training.model.processing import normalize_and_pad, paste_masks, resize_image, scale_boxes
-from training.model.scores import mean_foreground_probability
+from training.model.scores import mask_aware_score_from_mean, mean_foreground_probability
 
 
 @dataclass
@@ -100,7 +100,7 @@ class CondInst(nn.Module):
             index = torch.full_like(dets.labels, b)
             probs = self.mask_logits(mask_feats, dets.params, dets.locations, dets.levels, index).sigmoid()[:, 0]
             m_bar = self.mean_mask_prob(probs, hw)
-            scores = (dets.det_scores.clamp(min=0) * m_bar).sqrt()
+            scores = mask_aware_score_from_mean(dets.det_scores, m_bar)
             results.append(InputDetections(dets, probs, scores, m_bar, hw))
         return results
 

@@ -1,7 +1,8 @@
 """The mask-aware confidence score (BoxTeacher, Sec. 3.3), one definition for all.
 
 It weights pseudo masks during training and ranks detections at inference; every
-prediction carries it next to its detection score. training.boxteacher re-exports it.
+prediction carries it next to its detection score. training.boxteacher re-exports it;
+the model, the export graph and its parity check call :func:`mask_aware_score_from_mean`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,22 @@ def mask_aware_score(
     Returns:
         ``(n,)`` float32 in [0, 1].
     """
-    m_bar = mean_foreground_probability(mask_probs, box_masks, threshold)
-    return torch.sqrt(det_scores.float().clamp(min=0.0) * m_bar)
+    return mask_aware_score_from_mean(det_scores, mean_foreground_probability(mask_probs, box_masks, threshold))
+
+
+def mask_aware_score_from_mean(det_scores: Tensor, m_bar: Tensor) -> Tensor:
+    """The last step of :func:`mask_aware_score`, for callers that computed m_bar themselves
+    (in chunks, or over the un-padded region of an exported graph's canvas):
+
+        s = sqrt(max(c, 0) * m_bar)
+
+    Args:
+        det_scores: ``(n,)`` detection confidence c.
+        m_bar: ``(n,)`` :func:`mean_foreground_probability`.
+    Returns:
+        ``(n,)`` float32 (plain tensor ops: exports to ONNX as Clip/Mul/Sqrt).
+    """
+    return torch.sqrt(det_scores.float().clamp(min=0.0) * m_bar.float())
 
 
 def authors_pseudo_weight(det_scores: Tensor, mean_fg_prob: Tensor) -> Tensor:
