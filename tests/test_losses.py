@@ -16,6 +16,8 @@ from training.losses import (
     image_valid_mask,
     linear_warmup,
     log_same_label_probability,
+    outside_box_loss,
+    projection_bce_loss,
     pairwise_loss,
     pairwise_weights,
     projection_loss,
@@ -287,6 +289,57 @@ def test_boxinst_losses_warmup_and_empty():
     empty = torch.zeros(0, 1, 8, 8, requires_grad=True)
     out = boxinst_losses(empty, torch.zeros(0, 8, 8), torch.zeros(0, 8, 8, 8), iteration=5)
     assert all(v.item() == 0.0 and v.requires_grad for v in out.values())
+
+
+def test_outside_box_loss_hand_case():
+    # logits [[0, ln 3], [-ln 3, 2]], box = the top-left pixel: three pixels outside
+    logits = torch.tensor([[[[0.0, math.log(3.0)], [-math.log(3.0), 2.0]]]], requires_grad=True)
+    box = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    # softplus(ln 3) = ln 4, softplus(-ln 3) = ln(4/3), softplus(2) = ln(1 + e^2)
+    expected = (math.log(4.0) + math.log(4.0 / 3.0) + math.log(1.0 + math.e**2)) / 3.0
+    loss = outside_box_loss(logits, box)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(expected, rel=1e-6)
+    # padding at the bottom-right pixel: the mean over the two outside image pixels
+    valid = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    assert outside_box_loss(logits, box, valid).item() == pytest.approx(math.log(16.0 / 3.0) / 2.0, rel=1e-6)
+    # the gradient is sigmoid(x) / count outside the box, 0 inside: it does not vanish when saturated
+    loss.backward()
+    assert logits.grad[0, 0, 0, 0].item() == 0.0
+    assert logits.grad[0, 0, 1, 1].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item() / 3.0, rel=1e-6)
+    saturated = torch.full((1, 1, 2, 2), 30.0, requires_grad=True)
+    outside_box_loss(saturated, box).sum().backward()
+    assert saturated.grad[0, 0, 1, 1].item() == pytest.approx(1.0 / 3.0, rel=1e-6)
+    # a box over the whole map: nothing outside, loss 0
+    assert outside_box_loss(logits.detach(), torch.ones(1, 2, 2)).item() == 0.0
+
+
+def test_projection_bce_loss_hand_case():
+    # logits [[0, ln 3], [-ln 3, 2]], box = the top-left pixel
+    logits = torch.tensor([[[[0.0, math.log(3.0)], [-math.log(3.0), 2.0]]]])
+    box = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    # columns: max 0 (target 1) -> ln 2; max 2 (target 0) -> ln(1 + e^2)
+    # rows:    max ln 3 (target 1) -> ln 4 - ln 3; max 2 (target 0) -> ln(1 + e^2)
+    expected = (math.log(2.0) + math.log(4.0 / 3.0)) / 2.0 + math.log(1.0 + math.e**2)
+    loss = projection_bce_loss(logits, box)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(expected, rel=1e-6)
+    # a mask saturated to empty still gets a full pull on its box's row and column maxima
+    empty = torch.tensor([[[[-30.0, -31.0], [-32.0, -33.0]]]], requires_grad=True)
+    projection_bce_loss(empty, box).sum().backward()
+    # (0, 0) is the max of column 0 and of row 0, both inside the box: -1/2 from each mean
+    assert empty.grad[0, 0, 0, 0].item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_boxinst_losses_outside_term_only_when_weighted():
+    logits = torch.zeros(1, 1, 2, 2)
+    box = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    sim = torch.ones(1, 8, 2, 2)
+    plain = boxinst_losses(logits, box, sim, iteration=0)
+    assert set(plain) == {"loss_prj", "loss_pairwise"}
+    out = boxinst_losses(logits, box, sim, iteration=0, outside_weight=0.5, projection_bce_weight=2.0)
+    assert out["loss_outside"].item() == pytest.approx(0.5 * math.log(2.0), rel=1e-6)  # softplus(0) = ln 2
+    assert out["loss_prj_bce"].item() == pytest.approx(2.0 * projection_bce_loss(logits, box).item(), rel=1e-6)
+    assert set(boxinst_losses(torch.zeros(0, 1, 2, 2), torch.zeros(0, 2, 2), sim[:0], 0, outside_weight=1, projection_bce_weight=1)) == {
+        "loss_prj", "loss_pairwise", "loss_outside", "loss_prj_bce"}
 
 
 def test_losses_finite_at_probabilities_exactly_zero_and_one():

@@ -33,6 +33,8 @@ def register_benchmarks(sub: argparse._SubParsersAction) -> argparse._SubParsers
     q.add_argument("--output", required=True)
     q.add_argument("--methods", default="condinst,boxinst,boxteacher")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--seeds", type=int, default=1, help="train each method with seeds 0..N-1; cells show mean (min-max)")
+    q.add_argument("--variants", default=None, help="YAML file: variant name -> list of key=value overrides (an ablation table)")
     q.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     q.set_defaults(func=cmd_quality)
 
@@ -116,7 +118,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def cmd_quality(args) -> int:
+def quality_run(method: str, overrides: list[str], args, run_dir: Path) -> dict:
+    """Train one method with ``overrides``, then measure it: one row of the quality table.
+
+    A run whose ``row.json`` exists is read back instead of trained again, so a long
+    benchmark that was interrupted continues where it stopped."""
     from training.checkpoint import load_model
     from training.config import load_config
     from training.data.coco import CocoInstances
@@ -124,38 +130,80 @@ def cmd_quality(args) -> int:
     from training.pseudo_label import pseudo_label_dataset, pseudo_mask_quality
     from training.train import train
 
+    done = run_dir / "row.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(args.config, [f"method={method}"] + list(overrides))
+    t0 = time.perf_counter()
+    ckpt = train(cfg, args.data, run_dir, device=args.device, progress=False)
+    train_s = time.perf_counter() - t0
+    model, _ = load_model(ckpt, device=args.device)
+    m = evaluate_model(model, args.data, "val")
+    dataset = CocoInstances(args.data, "val", with_masks=True, class_agnostic=bool(model.cfg.data.class_agnostic))
+    ious, det, ma, outside = instance_iou_and_scores(model, dataset)
+    boxfill = evaluate_model(model, args.data, "val", mask_mode="box")["segm"]["AP"]
+    # Algorithm 1 with this model on the training split, against the hidden true masks.
+    pseudo = pseudo_mask_quality(pseudo_label_dataset(model, args.data, "train"), args.data, "train") or {}
+    row = {
+        "method": method,
+        "seed": cfg.train.seed,
+        **_row(m),
+        "boxfill_segm_AP": boxfill,
+        "rho_cls": spearman(ious, det),
+        "rho_mask_aware": spearman(ious, ma),
+        "outside_box": float(outside.mean()) if len(outside) else float("nan"),
+        "pseudo_iou": pseudo.get("mean_iou", float("nan")),
+        "pseudo_boxfill_iou": pseudo.get("boxfill_iou", float("nan")),
+        "collapse": collapse_warning(run_dir),
+        "train_s": train_s,
+    }
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def collapse_warning(run_dir: Path) -> str | None:
+    """The collapse detector's warning from a run's log.jsonl, or None if it stayed silent."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("warning"):
+            return record["warning"]
+    return None
+
+
+def load_variants(path: str | None) -> dict[str, list[str]]:
+    """``--variants FILE``: a YAML mapping of variant name -> list of ``key=value`` overrides.
+    Without a file: one unnamed variant with no overrides."""
+    if not path:
+        return {"": []}
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, list) or v is None for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping of variant name -> list of key=value overrides")
+    return {str(name): [str(x) for x in (overrides or [])] for name, overrides in data.items()}
+
+
+def cmd_quality(args) -> int:
     out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    variants = load_variants(args.variants)
     rows = []
     started = time.perf_counter()
-    for method in args.methods.split(","):
-        cfg = load_config(args.config, [f"method={method}"] + list(args.overrides))
-        t0 = time.perf_counter()
-        ckpt = train(cfg, args.data, out / method, device=args.device, progress=False)
-        train_s = time.perf_counter() - t0
-        model, _ = load_model(ckpt, device=args.device)
-        m = evaluate_model(model, args.data, "val")
-        dataset = CocoInstances(args.data, "val", with_masks=True, class_agnostic=bool(model.cfg.data.class_agnostic))
-        ious, det, ma, outside = instance_iou_and_scores(model, dataset)
-        boxfill = evaluate_model(model, args.data, "val", mask_mode="box")["segm"]["AP"]
-        # Algorithm 1 with this model on the training split, against the hidden true masks.
-        pseudo = pseudo_mask_quality(pseudo_label_dataset(model, args.data, "train"), args.data, "train") or {}
-        row = {
-            "method": method,
-            **_row(m),
-            "boxfill_segm_AP": boxfill,
-            "rho_cls": spearman(ious, det),
-            "rho_mask_aware": spearman(ious, ma),
-            "outside_box": float(outside.mean()) if len(outside) else float("nan"),
-            "pseudo_iou": pseudo.get("mean_iou", float("nan")),
-            "pseudo_boxfill_iou": pseudo.get("boxfill_iou", float("nan")),
-            "train_s": train_s,
-        }
-        rows.append(row)
-        print(json.dumps(row))
-    table = format_quality_table(rows)
+    for variant, extra in variants.items():
+        for method in args.methods.split(","):
+            for seed in seeds:
+                name = "-".join(x for x in (variant, method, f"seed{seed}") if x)
+                row = quality_run(method, [*extra, *args.overrides, f"train.seed={seed}"], args, out / name)
+                row["variant"] = variant
+                rows.append(row)
+                print(json.dumps(row))
+                (out / "quality.json").write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - started}, indent=2))
+    table = format_quality_table(summarize_rows(rows))
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - started}, indent=2))
     (out / "quality.md").write_text(table + "\n")
     return 0
 
@@ -165,17 +213,57 @@ def _row(metrics: dict) -> dict:
     return {"segm_AP": s["AP"], "segm_AP50": s["AP50"], "segm_AP75": s["AP75"], "bbox_AP": b["AP"]}
 
 
-def format_quality_table(rows: list[dict]) -> str:
-    lines = [
-        "| method | segm AP | AP50 | AP75 | bbox AP | box-fill segm AP (same detections) | Spearman(IoU, cls) | Spearman(IoU, mask-aware) "
-        "| mask outside its box | pseudo-mask IoU, train boxes (filled boxes) | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+NUMERIC_COLUMNS = (
+    "segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "boxfill_segm_AP", "rho_cls", "rho_mask_aware",
+    "outside_box", "pseudo_iou", "pseudo_boxfill_iou", "train_s",
+)  # fmt: skip
+
+
+def summarize_rows(rows: list[dict]) -> list[dict]:
+    """One summary per (variant, method), in first-seen order: for every numeric column its
+    mean, min and max over the seeds (NaNs left out), ``seeds``, and ``collapsed``, the
+    number of seeds whose collapse detector fired."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
+        groups.setdefault((r.get("variant", ""), r["method"]), []).append(r)
+    out = []
+    for (variant, method), members in groups.items():
+        summary: dict = {"variant": variant, "method": method, "seeds": len(members)}
+        for key in NUMERIC_COLUMNS:
+            values = np.array([m[key] for m in members if m.get(key) is not None], dtype=float)
+            values = values[~np.isnan(values)]
+            summary[key] = (float(values.mean()), float(values.min()), float(values.max())) if len(values) else (float("nan"),) * 3
+        summary["collapsed"] = sum(1 for m in members if m.get("collapse"))
+        out.append(summary)
+    return out
+
+
+def _cell(stat: tuple[float, float, float], fmt: str, spread: bool) -> str:
+    mean, lo, hi = stat
+    if not spread:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ({format(lo, fmt)}-{format(hi, fmt)})"
+
+
+def format_quality_table(summaries: list[dict]) -> str:
+    """Markdown: one row per (variant, method); with several seeds each cell is
+    ``mean (min-max)``."""
+    named = any(s["variant"] for s in summaries)
+    lines = [
+        ("| variant " if named else "")
+        + "| method | seeds | segm AP | AP50 | AP75 | bbox AP | box-fill segm AP (same detections) | Spearman(IoU, cls) "
+        "| Spearman(IoU, mask-aware) | mask outside its box | pseudo-mask IoU, train boxes (filled boxes) | collapsed | train s |",
+        ("|---" if named else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        many = s["seeds"] > 1
+        c = lambda key, fmt: _cell(s[key], fmt, many)  # noqa: E731
         lines.append(
-            f"| {r['method']} | {r['segm_AP']:.1f} | {r['segm_AP50']:.1f} | {r['segm_AP75']:.1f} | {r['bbox_AP']:.1f} | {r['boxfill_segm_AP']:.1f} "
-            f"| {r['rho_cls']:.3f} | {r['rho_mask_aware']:.3f} | {r['outside_box']:.1%} "
-            f"| {r['pseudo_iou']:.3f} ({r['pseudo_boxfill_iou']:.3f}) | {r['train_s']:.0f} |"
+            (f"| {s['variant']} " if named else "")
+            + f"| {s['method']} | {s['seeds']} | {c('segm_AP', '.1f')} | {c('segm_AP50', '.1f')} | {c('segm_AP75', '.1f')} "
+            f"| {c('bbox_AP', '.1f')} | {c('boxfill_segm_AP', '.1f')} | {c('rho_cls', '.3f')} | {c('rho_mask_aware', '.3f')} "
+            f"| {c('outside_box', '.1%')} | {c('pseudo_iou', '.3f')} ({s['pseudo_boxfill_iou'][0]:.3f}) "
+            f"| {s['collapsed']}/{s['seeds']} | {s['train_s'][0]:.0f} |"
         )
     return "\n".join(lines)
 

@@ -42,6 +42,10 @@ class FCOSConfig(_Section):
     center_sample_radius: float = 1.5  # in strides; 0 disables centre sampling
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # Training only: the box-side ReLU passes its gradient straight through, so a side that
+    # went negative everywhere can recover (training.model.fcos.relu_straight_through).
+    # False: AdelaiDet's plain ReLU, whose dead side stalls box regression from scratch.
+    reg_straight_through: bool = True
     # Inference
     score_threshold: float = 0.05  # on cls*ctr (thresh_with_ctr) before NMS
     pre_nms_topk: int = 1000  # per level
@@ -62,6 +66,12 @@ class MaskConfig(_Section):
     # at most max(k // #GT, 1)); CondInst samples at most max_proposals at random.
     topk_proposals_per_image: int = 64
     max_proposals: int = 500
+    # Gradient the mask losses send back into the detector, as a factor at the two places
+    # where the mask path meets it: the controller on the box tower, and the mask branch on
+    # P3-P5. 1.0: all of it (CondInst, the authors); 0.0: none (the mask path learns on the
+    # detector's features without moving them). See docs/training.md, "Box supervision from scratch".
+    controller_grad_scale: float = Field(1.0, ge=0.0, le=1.0)
+    branch_grad_scale: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class ModelConfig(_Section):
@@ -96,6 +106,12 @@ class BoxInstConfig(_Section):
     color_theta: float = 2.0
     pairwise_warmup_iters: int = 10000
     bottom_pixels_removed: int = 10  # COCO's bottom rows are badly annotated; 0 elsewhere
+    # Weight of the outside-box background term (training.losses.outside_box_loss; not in
+    # BoxInst: 0 is the published method).
+    outside_weight: float = Field(0.0, ge=0.0)
+    # Weight of the cross-entropy on the max projections (training.losses.projection_bce_loss;
+    # not in BoxInst: 0 is the published method).
+    projection_bce_weight: float = Field(0.0, ge=0.0)
 
 
 class BoxTeacherConfig(_Section):
@@ -126,6 +142,9 @@ class SolverConfig(_Section):
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float | None = None  # None: no clipping
+    # "global": one norm over all parameters; "per_group": the detector and the mask path
+    # clipped apart (training.train.clip_gradients).
+    clip_grad_mode: Literal["global", "per_group"] = "global"
     amp: Literal["none", "bf16", "fp16"] = "none"
     grad_accum_steps: int = 1
     # Linear scaling rule: when set, lr and batch scale together from this reference.

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from training.boxteacher import noise_aware_pseudo_mask_loss
 from training.config import Config
+from training.health import mask_health
 from training.losses import box_masks, boxinst_losses, dice_loss, image_color_similarity, image_valid_mask, linear_warmup
 from training.model.condinst import CondInst
 from training.model.fcos import FCOSTargets, HeadOutputs, compute_locations, fcos_losses, fcos_targets, flatten_head_outputs
@@ -86,7 +87,18 @@ def compute_losses(model: CondInst, batch: StudentBatch, iteration: int, cfg: Co
     return losses_from_outputs(model, head, mask_feats, batch, iteration, cfg, reduce_mean)
 
 
-def losses_from_outputs(model: CondInst, head: HeadOutputs, mask_feats: Tensor, batch: StudentBatch, iteration: int, cfg: Config, reduce_mean=None) -> dict[str, Tensor]:
+def losses_from_outputs(
+    model: CondInst,
+    head: HeadOutputs,
+    mask_feats: Tensor,
+    batch: StudentBatch,
+    iteration: int,
+    cfg: Config,
+    reduce_mean=None,
+    health: dict | None = None,
+) -> dict[str, Tensor]:
+    """All loss terms from the network's outputs. When ``health`` is a dict it also
+    receives :func:`training.health.mask_health` of the training proposals."""
     num_classes = cfg.model.num_classes
     feature_hw = [tuple(t.shape[-2:]) for t in head.cls_logits]
     targets = fcos_targets(feature_hw, [b.to(batch.images.device) for b in batch.boxes], [l.to(batch.images.device) for l in batch.labels], num_classes, cfg.model.fcos)
@@ -111,6 +123,14 @@ def losses_from_outputs(model: CondInst, head: HeadOutputs, mask_feats: Tensor, 
     stride = cfg.model.mask.out_stride
     padded_hw = tuple(batch.images.shape[-2:])
     all_boxes = torch.cat([b.to(logits.device) for b in batch.boxes]) if batch.boxes else logits.new_zeros(0, 4)
+    removed = batch.removed_rows or [0] * num_images
+    valid = torch.stack(
+        [image_valid_mask(h, w, padded_hw[0], padded_hw[1], r, device=logits.device) for (h, w), r in zip(batch.image_sizes, removed)]
+    )
+    valid_s4 = valid[:, None, stride // 2 :: stride, stride // 2 :: stride][image_index]
+    boxes_s4 = box_masks(all_boxes, padded_hw[0], padded_hw[1], stride)[gt_index]
+    if health is not None:
+        health.update(mask_health(logits.detach(), boxes_s4, valid_s4[:, 0], cfg.model.mask.threshold))
     if cfg.method == "condinst":
         gt_masks = torch.cat([_stride4(m.to(logits.device), padded_hw, stride) for m in batch.masks]) if batch.masks else None
         if chosen.numel() == 0 or gt_masks is None:
@@ -120,23 +140,18 @@ def losses_from_outputs(model: CondInst, head: HeadOutputs, mask_feats: Tensor, 
         return losses
 
     bi = cfg.boxinst
-    boxes_s4 = box_masks(all_boxes, padded_hw[0], padded_hw[1], stride)[gt_index]
-    removed = batch.removed_rows or [0] * num_images
-    valid = torch.stack(
-        [image_valid_mask(h, w, padded_hw[0], padded_hw[1], r, device=logits.device) for (h, w), r in zip(batch.image_sizes, removed)]
-    )
     similarity = image_color_similarity(batch.raw_images.to(logits.device), valid, stride, bi.pairwise_size, bi.pairwise_dilation, bi.color_theta)
     losses.update(
         boxinst_losses(
-            logits, boxes_s4, similarity[image_index], iteration, bi.pairwise_warmup_iters, bi.color_threshold, bi.pairwise_size, bi.pairwise_dilation
-        )
+            logits, boxes_s4, similarity[image_index], iteration, bi.pairwise_warmup_iters, bi.color_threshold, bi.pairwise_size,
+            bi.pairwise_dilation, bi.outside_weight, valid_s4[:, 0], bi.projection_bce_weight,
+        )  # fmt: skip
     )
     if cfg.method == "boxteacher":
         bt = cfg.boxteacher
         soft = torch.cat([p[0] for p in batch.pseudo]).to(logits.device)[gt_index]
         binary = torch.cat([p[1] for p in batch.pseudo]).to(logits.device)[gt_index]
         weights = torch.cat([p[2] for p in batch.pseudo]).to(logits.device)[gt_index]
-        valid_s4 = valid[:, None, stride // 2 :: stride, stride // 2 :: stride][image_index]
         losses.update(
             noise_aware_pseudo_mask_loss(
                 logits, binary, soft, weights, boxes_s4, valid_s4,

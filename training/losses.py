@@ -38,6 +38,8 @@ __all__ = [
     "log_same_label_probability",
     "pairwise_weights",
     "pairwise_loss",
+    "outside_box_loss",
+    "projection_bce_loss",
     "linear_warmup",
     "boxinst_losses",
 ]
@@ -347,6 +349,59 @@ def pairwise_loss(mask_logits: Tensor, weights: Tensor, kernel_size: int = 3, di
     return (loss * w).sum() / w.sum().clamp(min=1.0)
 
 
+def projection_bce_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+    """Binary cross-entropy on the max projections, from logits, per instance (our addition;
+    the multiple-instance form of the tightness prior, as in BBTP, Hsu et al. 2019).
+
+        L_bce,k = mean_x BCE(max_y x_k, max_y B_k) + mean_y BCE(max_x x_k, max_x B_k)
+        BCE(m, t) = softplus(m) - t * m
+
+    max commutes with the sigmoid, so ``max_y x`` is the logit of BoxInst's projection
+    ``max_y p``. Unlike the dice on probabilities (:func:`projection_loss`), its gradient
+    sigmoid(m) - t does not vanish when a mask is confidently wrong: a head whose masks
+    have saturated to empty boxes (or to whole images) is pulled back.
+
+    Args:
+        mask_logits: ``(n, 1, h, w)`` or ``(n, h, w)`` logits.
+        box_masks: ``(n, h, w)`` box masks at the same stride.
+    Returns:
+        ``(n,)`` float32.
+    """
+    n = box_masks.shape[0]
+    h, w = box_masks.shape[-2:]
+    x = mask_logits.float().reshape(n, h, w)
+    b = box_masks.float().reshape(n, h, w)
+    along_x = F.binary_cross_entropy_with_logits(x.amax(dim=1), b.amax(dim=1), reduction="none").mean(dim=1)
+    along_y = F.binary_cross_entropy_with_logits(x.amax(dim=2), b.amax(dim=2), reduction="none").mean(dim=1)
+    return along_x + along_y
+
+
+def outside_box_loss(mask_logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Background outside the box, per instance: a tight box says every pixel outside it is
+    not the object (our addition to BoxInst; docs/method.md, "Where we differ").
+
+        L_out,k = sum_i softplus(x_ki) (1 - B_ki) v_i / max(sum_i (1 - B_ki) v_i, 1)
+
+    softplus(x) = -log(1 - sigmoid(x)), the binary cross-entropy towards 0, whose gradient
+    sigmoid(x) does not vanish when a pixel is confidently wrong. The projection term
+    enforces the same prior through one max per row and column only, and through a
+    sigmoid: once masks flood the image with saturated logits it no longer pulls them back.
+
+    Args:
+        mask_logits: ``(n, 1, h, w)`` logits at stride 4.
+        box_masks: ``(n, h, w)`` box masks at the same stride.
+        valid: ``(n or 1, h, w)`` image pixels (1) vs padding (0), or None = all pixels.
+    Returns:
+        ``(n,)`` float32 (0 for an instance whose box covers the whole valid map).
+    """
+    n, h, w = box_masks.shape
+    x = mask_logits.float().reshape(n, h, w)
+    outside = 1.0 - box_masks.float()
+    if valid is not None:
+        outside = outside * valid.float().reshape(-1, h, w)
+    return (F.softplus(x) * outside).flatten(1).sum(1) / outside.flatten(1).sum(1).clamp(min=1.0)
+
+
 def linear_warmup(iteration: int, warmup_iters: int) -> float:
     """Linear warm-up factor (BoxInst pairwise loss; BoxTeacher pseudo-mask losses).
 
@@ -366,29 +421,46 @@ def boxinst_losses(
     color_threshold: float = 0.3,
     kernel_size: int = 3,
     dilation: int = 2,
+    outside_weight: float = 0.0,
+    valid: Tensor | None = None,
+    projection_bce_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """``L_box-sup`` for the kept proposals (BoxInst; method.md §2).
 
         loss_prj      = mean_k L_proj(sigmoid(x_k), B_k)
         loss_pairwise = L_pair(x, 1[S >= 0.3] * B) * warm(iteration)
+        loss_outside  = outside_weight * mean_k L_out,k          (only when outside_weight > 0)
+        loss_prj_bce  = projection_bce_weight * mean_k L_bce,k   (only when projection_bce_weight > 0)
 
     Args:
         mask_logits: ``(n, 1, h, w)`` student mask logits at stride 4.
         box_masks: ``(n, h, w)`` box masks of each proposal's GT box at stride 4.
         similarity: ``(n, 8, h, w)`` colour similarity of each proposal's image.
         iteration: training iteration for the pairwise warm-up.
+        outside_weight: weight of :func:`outside_box_loss` (0: BoxInst as published).
+        valid: ``(n or 1, h, w)`` image pixels, for the outside term.
     Returns:
-        ``{"loss_prj": scalar, "loss_pairwise": scalar}`` float32; zeros attached to the
-        graph when n == 0.
+        ``{"loss_prj", "loss_pairwise"[, "loss_outside"]}`` float32 scalars; zeros attached
+        to the graph when n == 0.
     """
     if mask_logits.shape[0] == 0:
         zero = mask_logits.float().sum() * 0.0
-        return {"loss_prj": zero, "loss_pairwise": zero.clone()}
+        out = {"loss_prj": zero, "loss_pairwise": zero.clone()}
+        if outside_weight > 0:
+            out["loss_outside"] = zero.clone()
+        if projection_bce_weight > 0:
+            out["loss_prj_bce"] = zero.clone()
+        return out
     probs = mask_logits.float().sigmoid()
     loss_prj = projection_loss(probs, box_masks).mean()
     weights = pairwise_weights(similarity, box_masks, color_threshold)
     loss_pairwise = pairwise_loss(mask_logits, weights, kernel_size, dilation)
-    return {
+    out = {
         "loss_prj": loss_prj,
         "loss_pairwise": loss_pairwise * linear_warmup(iteration, warmup_iters),
     }
+    if outside_weight > 0:
+        out["loss_outside"] = outside_weight * outside_box_loss(mask_logits, box_masks, valid).mean()
+    if projection_bce_weight > 0:
+        out["loss_prj_bce"] = projection_bce_weight * projection_bce_loss(mask_logits, box_masks).mean()
+    return out

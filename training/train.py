@@ -36,6 +36,7 @@ from training.criterion import losses_from_outputs
 from training.data.coco import CocoInstances, collate
 from training.data.transforms import build_strong_augmentation, build_train_transforms
 from training.engine import student_batch, teacher_pseudo_masks
+from training.health import HEALTH_KEYS, CollapseDetector, detector_parameters, loss_group_gradient_norms
 from training.model.condinst import CondInst, build_model
 from training.resume import (
     FINAL_NAME,
@@ -204,6 +205,30 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0)
 
 
+def clip_gradients(model: CondInst, max_norm: float | None, mode: str = "global") -> torch.Tensor:
+    """Clip the gradients in place; returns the total norm before clipping.
+
+    ``global``: one norm over all parameters (detectron2's "norm" clipping): when the mask
+    path's gradient is large, the detector's own gradient is scaled down with it.
+    ``per_group``: the detector (:func:`training.health.detector_parameters`) and the mask
+    path (controller, mask branch, dynamic head) are each clipped to ``max_norm`` on their
+    own, so neither can shrink the other's step. ``max_norm`` None: no clipping.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = _total_norm(params)
+    if not max_norm:
+        return total
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return total
+    detector = {id(p) for p in detector_parameters(model)}
+    groups = ([p for p in params if id(p) in detector], [p for p in params if id(p) not in detector])
+    for group in groups:
+        if group:
+            torch.nn.utils.clip_grad_norm_(group, max_norm)
+    return total
+
+
 class Trainer:
     """Holds the state of a run; :meth:`step` is one iteration, :meth:`run` the loop.
 
@@ -267,6 +292,8 @@ class Trainer:
         self.nonfinite_steps = 0  # consecutive
         self.skipped_steps = 0  # in all
         self.history: list[dict] = []
+        # Warns once when the mask head dies; watched once the learning rate has warmed up.
+        self.collapse = CollapseDetector(start_iteration=self.cfg.solver.warmup_iters)
         if ckpt is not None:
             self._load_training_state(ckpt, ckpt_path)
         else:
@@ -349,16 +376,21 @@ class Trainer:
         mkldnn = torch.backends.mkldnn
         return mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32)
 
-    def _micro_step(self, images, targets) -> tuple[dict, dict]:
-        """Forward of one micro-batch: (loss terms, pseudo-mask statistics)."""
+    def _micro_step(self, images, targets, measure_health: bool = False) -> tuple[dict, dict]:
+        """Forward of one micro-batch: (loss terms, statistics: pseudo masks and, with
+        ``measure_health``, :mod:`training.health`'s mask statistics and gradient norms)."""
         cfg, model = self.cfg, self.model
         stats: dict[str, float] = {}
+        health: dict | None = {} if measure_health else None
         with self._autocast():
             batch = student_batch(model, images, targets, cfg, self.strong_aug)
             if self.teacher is not None:
                 batch.pseudo, stats = teacher_pseudo_masks(self.teacher, [im.as_subclass(torch.Tensor) for im in images], batch, cfg)
             head, mask_feats = (self.ddp or model)(batch.images)
-            losses = losses_from_outputs(model, head, mask_feats, batch, self.iteration, cfg, dist_utils.reduce_mean)
+            losses = losses_from_outputs(model, head, mask_feats, batch, self.iteration, cfg, dist_utils.reduce_mean, health)
+        if health is not None:
+            health.update(loss_group_gradient_norms(losses, detector_parameters(model)))
+            stats = {**stats, **health}
         return losses, stats
 
     def step(self, images, targets) -> dict[str, float]:
@@ -378,13 +410,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         pseudo_count, pseudo_score = 0.0, 0.0
+        health: dict[str, float] = {}
         finite = True
         bad: dict[str, float] = {}
+        logged = (self.iteration + 1) % cfg.train.log_period == 0 or self.iteration + 1 == cfg.solver.max_iter
         for k, (ims, tgs) in enumerate(chunks):
             last = k == len(chunks) - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
             with sync, self._cpu_amp_guard():
-                losses, stats = self._micro_step(ims, tgs)
+                losses, stats = self._micro_step(ims, tgs, measure_health=logged and last)
+                health.update({key: v for key, v in stats.items() if key in HEALTH_KEYS})
                 total = sum(v.float() for v in losses.values()) / len(chunks)
                 # Every rank must take the same decision, else DDP's all-reduce would hang.
                 finite = dist_utils.all_ranks_true(bool(torch.isfinite(total)), self.device)
@@ -394,7 +429,7 @@ class Trainer:
                 self.scaler.scale(total).backward()
             for name, v in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach()) / len(chunks)
-            if stats:
+            if "pseudo_masks" in stats:
                 pseudo_count += stats["pseudo_masks"]
                 pseudo_score += stats["pseudo_mask_score"] * stats["pseudo_masks"]
 
@@ -402,12 +437,7 @@ class Trainer:
         if finite:
             # After DDP's all-reduce the gradients are the same on every rank: so is this decision.
             self.scaler.unscale_(self.optimizer)
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.solver.clip_grad_norm:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
-            else:
-                norm = _total_norm(params)
-            grad_norm = float(norm)
+            grad_norm = float(clip_gradients(model, cfg.solver.clip_grad_norm, cfg.solver.clip_grad_mode))
             if self.scaler.is_enabled():
                 # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
                 # (normal while it calibrates; not counted as a non-finite step).
@@ -446,6 +476,7 @@ class Trainer:
         out.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=0.0 if finite else 1.0)
         if self.teacher is not None:
             out.update(pseudo_masks=pseudo_count, pseudo_mask_score=pseudo_score / max(pseudo_count, 1.0))
+        out.update(health)
         return out
 
     # ---- the loop ----------------------------------------------------------------
@@ -496,6 +527,9 @@ class Trainer:
                         images_per_s=images_per_iter * window_iters / elapsed,
                         skipped_steps=float(self.skipped_steps),
                     )
+                    warning = self.collapse.update(record, it)
+                    if warning:
+                        record["warning"] = warning
                     logger.scalars(record, it)
                     self.history.append(record)
                     window_start, window_iters = time.perf_counter(), 0

@@ -5,6 +5,7 @@ TensorBoard tags: ``loss/<term>`` for every loss term and ``loss/total``; ``trai
 ``train/images_per_s`` (all processes together), ``train/s_per_iter``,
 ``train/grad_norm``, ``train/skipped_steps``; ``pseudo/count`` (pseudo masks assigned
 per iteration, all processes) and ``pseudo/mean_score`` (their mean mask-aware score);
+``health/<key>`` for :data:`training.health.HEALTH_KEYS` (mask statistics, gradient norms);
 ``eval/segm_AP``, ``eval/bbox_AP`` ... after each evaluation.
 """
 
@@ -15,6 +16,8 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
+from training.health import HEALTH_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ def _tag(key: str) -> str:
         return "pseudo/count"
     if key == "pseudo_mask_score":
         return "pseudo/mean_score"
+    if key in HEALTH_KEYS:
+        return f"health/{key}"
     return f"train/{key}"
 
 

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from training.config import Config
 from training.model.backbone import ResNetFPN
-from training.model.fcos import Detections, FCOSHead, HeadOutputs, decode_detections
-from training.model.mask_head import DynamicMaskHead, MaskBranch, aligned_bilinear, dynamic_param_count
+from training.model.fcos import Detections, FCOSHead, HeadOutputs, PromptCells, decode_detections, prompt_detections
+from training.model.mask_head import DynamicMaskHead, MaskBranch, aligned_bilinear, dynamic_param_count, scale_gradient
 from training.model.processing import normalize_and_pad, paste_masks, resize_image, scale_boxes
 from training.model.scores import mask_aware_score_from_mean, mean_foreground_probability
 
@@ -65,7 +65,7 @@ class CondInst(nn.Module):
         m = cfg.model
         self.backbone = ResNetFPN(m.backbone, m.fpn_channels)
         num_params = dynamic_param_count(m.mask.out_channels, m.mask.head_channels, m.mask.head_layers)
-        self.head = FCOSHead(m.fpn_channels, m.num_classes, num_params, m.fcos)
+        self.head = FCOSHead(m.fpn_channels, m.num_classes, num_params, m.fcos, m.mask.controller_grad_scale)
         self.mask_branch = MaskBranch(m.fpn_channels, m.mask)
         self.mask_head = DynamicMaskHead(m.mask, m.fcos.sizes_of_interest)
 
@@ -83,7 +83,8 @@ class CondInst(nn.Module):
         """batch (B,3,Hp,Wp) normalised -> (per-level head outputs, mask feats (B,C,Hp/8,Wp/8))."""
         feats = self.backbone(batch)
         head = self.head([feats[f"p{k}"] for k in range(3, 8)])
-        mask_feats = self.mask_branch(feats["p3"], feats["p4"], feats["p5"])
+        branch_in = [scale_gradient(feats[f"p{k}"], self.cfg.model.mask.branch_grad_scale) for k in (3, 4, 5)]
+        mask_feats = self.mask_branch(*branch_in)
         return head, mask_feats
 
     def mask_logits(self, mask_feats: Tensor, params: Tensor, locations: Tensor, levels: Tensor, image_index: Tensor) -> Tensor:
@@ -103,6 +104,19 @@ class CondInst(nn.Module):
             scores = mask_aware_score_from_mean(dets.det_scores, m_bar)
             results.append(InputDetections(dets, probs, scores, m_bar, hw))
         return results
+
+    def prompt(self, cells: PromptCells, mask_feats: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Box prompts on one image's encoded features: the part of box prompting that depends
+        on the boxes (serving runs it per request; the image part, ``forward`` +
+        :func:`training.model.fcos.prompt_cells`, is computed once per image).
+
+        cells: the image's :class:`PromptCells`; mask_feats (1, C, Hp/8, Wp/8); boxes (P, 4)
+        xyxy input pixels. Returns labels (P,) int64, det_scores (P,) and mask probabilities
+        (P, Hp/4, Wp/4) from the dynamic head at each box's prompt location.
+        """
+        pd = prompt_detections(cells, boxes, tuple(mask_feats.shape[-2:]), self.cfg.model.fcos)
+        probs = self.mask_logits(mask_feats, pd.params, pd.locations, pd.levels, torch.zeros_like(pd.levels)).sigmoid()[:, 0]
+        return pd.labels, pd.det_scores, probs
 
     def mean_mask_prob(self, probs_s4: Tensor, input_hw: tuple[int, int]) -> Tensor:
         """m_bar of each mask at the input resolution (the score's resolution)."""

@@ -30,6 +30,22 @@ def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
     return x[:, :, : factor * h, : factor * w]
 
 
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """Identity forward; the gradient flowing back through it is multiplied by ``factor``.
+
+        forward: y = x        backward: dL/dx = factor * dL/dy
+
+    Written ``x.detach() + factor * (x - x.detach())`` (exactly x in the forward). ``factor``
+    1 returns ``x`` itself and 0 returns ``x.detach()``; outside autograd (inference,
+    export) it is always ``x``.
+    """
+    if factor == 1.0 or not torch.is_grad_enabled() or not x.requires_grad:
+        return x
+    if factor == 0.0:
+        return x.detach()
+    return x.detach() + factor * (x - x.detach())
+
+
 def _conv_norm_relu(cin: int, cout: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none")]
     if norm == "bn":
