@@ -6,8 +6,9 @@ host pre-processing (resize, normalise, pad), identical for all, is done once
 beforehand and not timed. ONNX Runtime and TensorRT times include copying the
 outputs to the host. Ratios are to eager PyTorch on the same device.
 
-Wiring: ``boxteacher export benchmark-infer`` (export/cli.py), or in another command
-group ``add_infer_arguments(parser)`` + ``parser.set_defaults(func=run_infer_benchmark)``.
+The encoder graph is timed (the image part; box prompts are timed by ``boxteacher benchmark
+serve``). Wiring: ``boxteacher benchmark infer`` (``add_infer_arguments(parser)`` +
+``parser.set_defaults(func=run_infer_benchmark)``).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def synthetic_inputs(n: int, hw: tuple[int, int], seed: int = 0) -> list:
     return out
 
 
-def folder_inputs(folder: str | Path, meta: dict[str, Any], n: int) -> list:
-    """Up to ``n`` images of a folder, pre-processed as the exported graph wants them."""
+def folder_inputs(folder: str | Path, spec, n: int) -> list:
+    """Up to ``n`` images of a folder, pre-processed for ``spec`` (an InputSpec)."""
     import torch
 
     from export.check import prepare_image
@@ -88,7 +89,7 @@ def folder_inputs(folder: str | Path, meta: dict[str, Any], n: int) -> list:
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:
         raise FileNotFoundError(f"no images in {folder}")
-    return [prepare_image(load_image(f).as_subclass(torch.Tensor), meta) for f in files]
+    return [prepare_image(load_image(f).as_subclass(torch.Tensor), spec) for f in files]
 
 
 def benchmark_inference(
@@ -114,35 +115,36 @@ def benchmark_inference(
     import numpy as np
     import torch
 
-    from export.check import load_runner
+    from export.check import load_exported
     from training.checkpoint import load_model
+    from training.model.processing import InputSpec
 
     if threads:
         torch.set_num_threads(int(threads))
-    meta: dict[str, Any] = {}
+    meta = None
     runners = []
     if onnx_model is not None:
-        from export.onnx_runtime import OnnxRunner, read_onnx_metadata
+        from export.onnx_runtime import OnnxModel
 
-        meta = read_onnx_metadata(onnx_model)
         # No spin-waiting of idle ORT threads: it would steal the CPUs of the next contender.
         spin = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-        runners.append(("onnxruntime", device, OnnxRunner(onnx_model, device, threads=threads, config=spin)))
+        exported = OnnxModel(onnx_model, device, threads=threads, config=spin)
+        meta = exported.metadata
+        runners.append(("onnxruntime", device, exported))
     if engine is not None:
-        runner, engine_meta = load_runner(engine, "cuda")
-        meta = meta or engine_meta
-        runners.append(("tensorrt", "cuda", runner))
-    branch = branch or meta.get("branch") or None
+        exported = load_exported(engine, "cuda")
+        meta = meta or exported.metadata
+        runners.append(("tensorrt", "cuda", exported))
+    branch = branch or (meta.branch if meta else None)
     model, cfg = load_model(weights, branch=branch, device="cpu")
-    if not meta:
-        meta = {"dynamic": True, "min_size_test": cfg.input.min_size_test, "max_size_test": cfg.input.max_size_test}
-    fixed = None if meta.get("dynamic", True) else meta.get("input_size")
-    hw = tuple(int(v) for v in (fixed or input_size or meta.get("example_input_size") or (800, 1088)))
+    fixed = meta.fixed_hw if meta else None
+    hw = tuple(int(v) for v in (fixed or input_size or (meta.example_input_size if meta else None) or (800, 1088)))
     if fixed and input_size and tuple(input_size) != hw:
         raise ValueError(f"the exported model has a fixed input {hw}; --input-size {tuple(input_size)} does not fit")
-    inputs = folder_inputs(images, meta, num_images) if images else synthetic_inputs(num_images, hw)  # type: ignore[arg-type]
-    k = int(meta.get("max_detections") or cfg.model.fcos.max_detections)
-    thr = meta.get("score_threshold")
+    spec = meta.input_spec() if meta else InputSpec.from_config(cfg.input)
+    inputs = folder_inputs(images, spec, num_images) if images else synthetic_inputs(num_images, hw)  # type: ignore[arg-type]
+    k = meta.max_detections if meta else cfg.model.fcos.max_detections
+    thr = meta.score_threshold if meta else None
     # Round robin: one call of each runtime per iteration, so that a change of machine
     # load (other processes on shared CPUs) hits every runtime alike.
     contenders: list[tuple[str, str, Callable[[int], Any], Callable[[], None] | None]] = []
@@ -163,7 +165,7 @@ def benchmark_inference(
 
         def run(i: int, runner=runner) -> None:
             x, s = arrays[i % len(arrays)]
-            runner.run(x, s, None)
+            runner.encode(x, s)
 
         contenders.append((name, dev, run, None))
     for _, _, fn, sync in contenders:
@@ -207,7 +209,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``benchmark infer`` / ``export benchmark-infer``."""
+    """The arguments of ``boxteacher benchmark infer``."""
     p.add_argument("--weights", required=True, help="checkpoint (eager PyTorch baseline)")
     p.add_argument("--model", default=None, help="exported model.onnx (ONNX Runtime)")
     p.add_argument("--engine", default=None, help="TensorRT plan (needs tensorrt and a GPU)")

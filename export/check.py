@@ -1,11 +1,12 @@
-"""Parity of an exported model (ONNX Runtime or TensorRT) with eager PyTorch.
+"""Parity of an exported model (ONNX Runtime or TensorRT; encoder and prompt graph) with eager PyTorch.
 
 :func:`eager_outputs` runs the checkpoint's model on the same padded input as the
-exported graph and returns the same named outputs (real rows only);
-:func:`compare_outputs` measures the differences of one image;
-:func:`check_parity` (``boxteacher export check``) does both over a COCO folder and
-adds segm/bbox AP of the exported and the eager predictions on the same images, and
-the eager AP of the student and the teacher branch.
+exported graphs and returns the same named outputs (real rows only);
+:func:`exported_outputs` runs the two exported graphs (the prompt graph on the encoder's
+own features, as serving does); :func:`compare_outputs` measures the differences of one
+image; :func:`check_parity` (``boxteacher export check``) does this over a COCO folder,
+with the dataset's true boxes as prompts, and adds segm/bbox AP of the exported and the
+eager predictions on the same images, and the eager AP of the student and the teacher branch.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from export.metadata import IMAGE_FEATURES, read_metadata
 from training.model.condinst import CondInst, InputDetections
-from training.model.fcos import Detections, prompt_detections
-from training.model.processing import fit_long_side, normalize_and_pad, pad_to_canvas, resize_image
-from training.model.scores import mask_aware_score_from_mean
+from training.model.fcos import Detections, prompt_cells
+from training.model.processing import InputSpec, batch_to_spec, resize_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def eager_outputs(
     score_threshold: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Eager ``model.detect`` (+ prompts) on a padded batch (1,3,H,W), as numpy arrays named
-    like the graph's outputs, with only the real detection rows (at most ``max_detections``)."""
+    like the graphs' outputs, with only the real detection rows (at most ``max_detections``)."""
     head, feats = model(images.to(model.device))
     hw = (int(image_size[0]), int(image_size[1]))
     k = int(max_detections or model.cfg.model.fcos.max_detections)
@@ -58,17 +59,25 @@ def eager_outputs(
         "masks": det.mask_probs[:k],
         "num_detections": torch.tensor([min(k, len(det.dets.labels))]),
     }
-    if prompt_boxes is not None:
-        pd = prompt_detections(head, prompt_boxes.to(model.device), 0, model.cfg.model.fcos)
-        probs = model.mask_logits(feats, pd.params, pd.locations, pd.levels, torch.zeros_like(pd.levels)).sigmoid()[:, 0]
-        m_bar = model.mean_mask_prob(probs, hw)
-        out.update(
-            prompt_labels=pd.labels,
-            prompt_det_scores=pd.det_scores,
-            prompt_scores=mask_aware_score_from_mean(pd.det_scores, m_bar),
-            prompt_masks=probs,
-        )
+    if prompt_boxes is not None and len(prompt_boxes):
+        labels, det_scores, probs = model.prompt(prompt_cells(head, 0), feats[:1], prompt_boxes.to(model.device).float())
+        out.update(prompt_labels=labels, prompt_det_scores=det_scores, prompt_masks=probs)
     return {name: value.detach().cpu().numpy() for name, value in out.items()}
+
+
+def exported_outputs(model, batch: np.ndarray, image_size: tuple[int, int], prompt_boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The encoder's detection outputs and, with prompt boxes, the prompt graph's outputs on the
+    encoder's own features (``model``: an :class:`export.onnx_runtime.OnnxModel` or
+    :class:`export.tensorrt_runtime.TensorRTModel`), as numpy arrays."""
+    encoded = model.encode(batch, np.asarray(image_size, dtype=np.int64))
+    out = {name: _numpy(v) for name, v in encoded.items() if name not in IMAGE_FEATURES}
+    if prompt_boxes is not None and len(prompt_boxes):
+        out.update({name: _numpy(v) for name, v in model.prompt(encoded, np.asarray(prompt_boxes, dtype=np.float32)).items()})
+    return out
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -130,8 +139,8 @@ def compare_outputs(exported: dict[str, np.ndarray], eager: dict[str, np.ndarray
     with an identical one), same_order (and in the same order), matched, box_max_abs,
     box_max_rel (|d| / max(|eager|, 1)), det_score_max_abs, score_max_abs, mask_ious
     (np.ndarray over matched rows), padding_ok (labels -1 and zero scores past
-    num_detections), and for prompts: prompt_labels_equal,
-    prompt_det_score_max_abs, prompt_score_max_abs, prompt_mask_ious.
+    num_detections), and for prompts: prompt_labels_equal, prompt_det_score_max_abs,
+    prompt_mask_ious.
     """
     n_x = int(exported["num_detections"].reshape(-1)[0])
     n_e = int(eager["num_detections"].reshape(-1)[0])
@@ -165,7 +174,6 @@ def compare_outputs(exported: dict[str, np.ndarray], eager: dict[str, np.ndarray
         report.update(
             prompt_labels_equal=bool(np.array_equal(exported["prompt_labels"], eager["prompt_labels"])),
             prompt_det_score_max_abs=float(np.abs(exported["prompt_det_scores"] - eager["prompt_det_scores"]).max()),
-            prompt_score_max_abs=float(np.abs(exported["prompt_scores"] - eager["prompt_scores"]).max()),
             prompt_mask_ious=mask_iou(exported["prompt_masks"] > mask_threshold, eager["prompt_masks"] > mask_threshold),
         )
     return report
@@ -189,33 +197,27 @@ def outputs_to_input_detections(out: dict[str, np.ndarray], input_hw: tuple[int,
 
 
 # ---- runners ----------------------------------------------------------------------------
-def load_runner(path: str | Path, device: str = "cpu"):
-    """(runner, metadata) for an exported model: .onnx -> OnnxRunner (+ metadata_props),
-    .engine / .plan -> TensorRTRunner (+ the ``<engine>.json`` sidecar)."""
+def load_exported(path: str | Path, device: str = "cpu"):
+    """The two graphs of an export: .onnx -> :class:`export.onnx_runtime.OnnxModel`,
+    .engine / .plan -> :class:`export.tensorrt_runtime.TensorRTModel` (metadata as ``.metadata``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
+    read_metadata(path)  # the suffix is known and the metadata readable, before any runtime loads
     if path.suffix.lower() == ".onnx":
-        from export.onnx_runtime import OnnxRunner, read_onnx_metadata
+        from export.onnx_runtime import OnnxModel
 
-        return OnnxRunner(path, device), read_onnx_metadata(path)
-    if path.suffix.lower() in (".engine", ".plan"):
-        from export.tensorrt_runtime import TensorRTRunner, read_engine_metadata
+        return OnnxModel(path, device)
+    from export.tensorrt_runtime import TensorRTModel
 
-        return TensorRTRunner(path, "cuda" if device == "cpu" else device), read_engine_metadata(path)
-    raise ValueError(f"unknown exported model type {path.suffix!r} ({path.name}): use .onnx, .engine or .plan")
+    return TensorRTModel(path, "cuda" if device == "cpu" else device)
 
 
-def prepare_image(image: Tensor, meta: dict[str, Any]) -> tuple[Tensor, tuple[int, int]]:
+def prepare_image(image: Tensor, spec: InputSpec) -> tuple[Tensor, tuple[int, int]]:
     """Original RGB (3,H,W) uint8 -> the exported graph's padded input (1,3,Hp,Wp) and the
-    un-padded (h, w): test-scale resize (fitted into a fixed canvas), normalise, pad."""
-    min_size, max_size = int(meta["min_size_test"]), int(meta["max_size_test"])
-    fixed = None if meta.get("dynamic", True) else meta.get("input_size")
-    fixed_hw = (int(fixed[0]), int(fixed[1])) if fixed else None
-    long_cap = fit_long_side(int(image.shape[-2]), int(image.shape[-1]), max_size, fixed_hw)
-    resized = resize_image(image, min_size, long_cap)
-    batch, sizes = normalize_and_pad([resized], meta["pixel_mean"], meta["pixel_std"], meta["channel_format"], int(meta["size_divisibility"]))
-    return pad_to_canvas(batch, fixed_hw), sizes[0]
+    un-padded (h, w): :func:`training.model.processing.resize_to_spec` + ``batch_to_spec``."""
+    batch, sizes = batch_to_spec([resize_to_spec(image, spec)], spec)
+    return batch, sizes[0]
 
 
 # ---- a dataset ----------------------------------------------------------------------------
@@ -238,20 +240,23 @@ def check_parity(
 ) -> dict[str, Any]:
     """``boxteacher export check``: exported vs eager on the images of a COCO folder.
 
-    Both run on the same padded input (the exported graph's pre-processing). Returns
-    {"images", "branch", "runtime", "parity": {box_max_abs, box_max_rel, det_score_max_abs,
+    Both run on the same padded input (the exported graph's pre-processing); the image's true
+    boxes (scaled to the input) are the prompts of the prompt graph. Returns {"images",
+    "branch", "runtime", "parity": {box_max_abs, box_max_rel, det_score_max_abs,
     score_max_abs, mask_iou_mean, mask_iou_min, matched, same_detections_images,
-    num_exported, num_eager}, "exported": {segm, bbox}, "eager": {segm, bbox},
-    "branches": {student/teacher: {segm, bbox}}} (AP in percent).
+    num_exported, num_eager}, "prompt_parity": {prompts, labels_equal_images,
+    det_score_max_abs, mask_iou_mean, mask_iou_min}, "exported": {segm, bbox}, "eager":
+    {segm, bbox}, "branches": {student/teacher: {segm, bbox}}} (AP in percent).
     """
     from training.checkpoint import load_model, read_checkpoint
     from training.evaluate import coco_metrics, evaluate_model, instances_to_coco
 
-    runner, meta = load_runner(model_path, device)
-    branch = branch or meta.get("branch") or "student"
+    exported_model = load_exported(model_path, device)
+    meta = exported_model.metadata
+    spec = meta.input_spec()
+    branch = branch or meta.branch
     model, cfg = load_model(weights, branch=branch, device="cpu")
-    k = int(meta.get("max_detections") or cfg.model.fcos.max_detections)
-    thr = meta.get("score_threshold")
+    k, thr = meta.max_detections, meta.score_threshold
     dataset = _dataset(data_dir, split, bool(cfg.data.class_agnostic))
     if cfg.model.num_classes > dataset.num_classes:
         raise ValueError(
@@ -268,6 +273,9 @@ def check_parity(
     box_abs = box_rel = det_abs = score_abs = 0.0
     ious: list[np.ndarray] = []
     same = matched = n_x = n_e = 0
+    prompt_ious: list[np.ndarray] = []
+    prompts = labels_equal = 0
+    prompt_det_abs = 0.0
     for i in range(n):
         image, target = dataset[i]
         image = image.as_subclass(torch.Tensor)
@@ -275,11 +283,17 @@ def check_parity(
         if image_id in ids:
             continue
         ids.append(image_id)
-        batch, hw = prepare_image(image, meta)
-        exported = runner.run(batch.numpy(), np.asarray(hw, dtype=np.int64), None)
-        exported = {name: np.asarray(v) for name, v in exported.items()}
-        eager = eager_outputs(model, batch, hw, None, k, thr)
+        batch, hw = prepare_image(image, spec)
+        scale = torch.tensor([hw[1] / image.shape[-1], hw[0] / image.shape[-2]] * 2)
+        boxes = (target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4) * scale).numpy()
+        exported = exported_outputs(exported_model, batch.numpy(), hw, boxes)
+        eager = eager_outputs(model, batch, hw, torch.from_numpy(boxes), k, thr)
         r = compare_outputs(exported, eager, cfg.model.mask.threshold)
+        if "prompt_labels_equal" in r:
+            prompts += len(boxes)
+            labels_equal += r["prompt_labels_equal"]
+            prompt_det_abs = max(prompt_det_abs, r["prompt_det_score_max_abs"])
+            prompt_ious.append(r["prompt_mask_ious"])
         box_abs, box_rel = max(box_abs, r["box_max_abs"]), max(box_rel, r["box_max_rel"])
         det_abs, score_abs = max(det_abs, r["det_score_max_abs"]), max(score_abs, r["score_max_abs"])
         ious.append(r["mask_ious"])
@@ -294,6 +308,7 @@ def check_parity(
             results[name][0].extend(b)
             results[name][1].extend(s)
     all_ious = np.concatenate(ious) if ious else np.zeros(0)
+    all_prompt_ious = np.concatenate(prompt_ious) if prompt_ious else np.zeros(0)
     use_cats = not cfg.data.class_agnostic
     report: dict[str, Any] = {
         "images": len(ids),
@@ -310,6 +325,14 @@ def check_parity(
             "num_exported": n_x,
             "num_eager": n_e,
             "same_detections_images": same,
+        },
+        "prompt_parity": {
+            "prompts": prompts,
+            "labels_equal_images": labels_equal,
+            "images_with_prompts": len(prompt_ious),
+            "det_score_max_abs": prompt_det_abs,
+            "mask_iou_mean": float(all_prompt_ious.mean()) if all_prompt_ious.size else None,
+            "mask_iou_min": float(all_prompt_ious.min()) if all_prompt_ious.size else None,
         },
     }
     for name, (bbox, segm) in results.items():
@@ -341,12 +364,22 @@ def format_report(report: dict[str, Any]) -> str:
         f"  boxes: max |d| {p['box_max_abs']:.3g} px (relative {p['box_max_rel']:.3g}); "
         f"det scores max |d| {p['det_score_max_abs']:.3g}; mask-aware scores max |d| {p['score_max_abs']:.3g}",
         f"  mask IoU of matched instances: mean {iou_mean}, min {iou_min}",
+        _prompt_line(report.get("prompt_parity")),
         f"  segm AP: exported {report['exported']['segm']['AP']:.2f}, eager {report['eager']['segm']['AP']:.2f}; "
         f"bbox AP: exported {report['exported']['bbox']['AP']:.2f}, eager {report['eager']['bbox']['AP']:.2f}",
     ]
     for b, m in report.get("branches", {}).items():
         lines.append(f"  eager {b} (test-scale predict): segm AP {m['segm']['AP']:.2f}, bbox AP {m['bbox']['AP']:.2f}")
     return "\n".join(lines)
+
+
+def _prompt_line(p: dict[str, Any] | None) -> str:
+    if not p or not p["prompts"]:
+        return "  prompt graph: no boxes to prompt with"
+    return (
+        f"  prompt graph ({p['prompts']} true boxes as prompts): labels equal on {p['labels_equal_images']}/{p['images_with_prompts']} images; "
+        f"det scores max |d| {p['det_score_max_abs']:.3g}; mask IoU mean {p['mask_iou_mean']:.4f}, min {p['mask_iou_min']:.4f}"
+    )
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""``boxteacher export {onnx, tensorrt, check, benchmark-infer}``.
+"""``boxteacher export {onnx, tensorrt, check}`` (the latency benchmark: ``boxteacher benchmark infer``).
 
 Heavy dependencies (torch, onnx, onnxruntime, tensorrt) are imported by the
 handlers when they run. User errors raise ValueError / FileNotFoundError /
@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("export", help="export the student to ONNX / TensorRT; parity check against PyTorch")
     commands = parser.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
 
-    p = commands.add_parser("onnx", help="checkpoint -> one ONNX graph (network, NMS, mask head, mask-aware score)")
+    p = commands.add_parser("onnx", help="checkpoint -> encoder graph (network, NMS, masks, mask-aware score) + prompt graph")
     p.add_argument("--weights", required=True, help="boxteacher checkpoint (.pth)")
-    p.add_argument("--output", required=True, help="model.onnx to write (single file, metadata inside)")
+    p.add_argument("--output", required=True, help="model.onnx to write (encoder, metadata inside); the prompt graph goes to model.prompt.onnx")
     p.add_argument("--branch", choices=["student", "teacher"], default="student", help="weights to export (default: student)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 with torch 2.12)")
     p.add_argument("--dynamic", action="store_true", help="dynamic input height and width (multiples of 32, 64..4096 px)")
@@ -35,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.set_defaults(func=cmd_onnx)
 
-    p = commands.add_parser("tensorrt", help="model.onnx -> TensorRT plan + JSON sidecar (TensorRT 10.x / 11.x)")
+    p = commands.add_parser("tensorrt", help="model.onnx (+ model.prompt.onnx) -> two TensorRT plans + JSON sidecar (TensorRT 10.x / 11.x)")
     p.add_argument("--onnx", required=True, help="model.onnx from 'boxteacher export onnx'")
-    p.add_argument("--output", required=True, help="engine file (plain plan); metadata goes to OUTPUT.json")
+    p.add_argument("--output", required=True, help="engine file (plain plan); the prompt plan goes to OUTPUT's .prompt.engine, metadata to OUTPUT.json")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="TRT 10: builder flag; TRT 11: ModelOpt AutoCast first")
     precision.add_argument("--bf16", action="store_true", help="TRT 10: builder flag; TRT 11: ModelOpt AutoCast first")
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shape", type=int, nargs=2, metavar=("H", "W"), default=None, help="largest padded input")
     p.set_defaults(func=cmd_tensorrt)
 
-    p = commands.add_parser("check", help="parity of an exported model with eager PyTorch on a COCO folder")
+    p = commands.add_parser("check", help="parity of an exported model (encoder and prompt graph) with eager PyTorch on a COCO folder")
     p.add_argument("--weights", required=True, help="the checkpoint the model was exported from")
     p.add_argument("--model", required=True, help="model.onnx or model.engine")
     p.add_argument("--data", required=True, help="dataset folder with images/ and annotations/SPLIT.json")
@@ -61,16 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="also write the report as JSON here")
     p.set_defaults(func=cmd_check)
 
-    from export.benchmark import add_infer_arguments, run_infer_benchmark
-
-    p = commands.add_parser("benchmark-infer", help="latency of eager PyTorch vs ONNX Runtime (vs TensorRT)")
-    add_infer_arguments(p)
-    p.set_defaults(func=run_infer_benchmark)
-
 
 def cmd_onnx(args: argparse.Namespace) -> int:
+    from export.metadata import prompt_path, read_onnx_metadata
     from export.onnx_export import export_checkpoint
-    from export.onnx_runtime import read_onnx_metadata
 
     path = export_checkpoint(
         args.weights,
@@ -84,16 +78,17 @@ def cmd_onnx(args: argparse.Namespace) -> int:
         simplify=not args.no_simplify,
     )
     meta = read_onnx_metadata(path)
-    size = "dynamic H/W" if meta["dynamic"] else "x".join(str(v) for v in meta["input_size"])
+    size = "dynamic H/W" if meta.dynamic else "x".join(str(v) for v in meta.input_size or [])
     print(
-        f"wrote {path}: {meta['branch']} branch, {len(meta['class_names'])} classes, input {size}, "
-        f"K={meta['max_detections']}, opset {meta['opset']}, version {meta['model_version']}"
+        f"wrote {path} and {prompt_path(path).name}: {meta.branch} branch, {len(meta.class_names)} classes, input {size}, "
+        f"K={meta.max_detections}, opset {meta.opset}, version {meta.model_version}"
     )
     return 0
 
 
 def cmd_tensorrt(args: argparse.Namespace) -> int:
-    from export.tensorrt_build import build_engine, sidecar_path
+    from export.metadata import prompt_path, sidecar_path
+    from export.tensorrt_build import build_engine
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
     if args.calib and precision != "int8":
@@ -109,7 +104,7 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
         opt_shape=args.opt_shape,
         max_shape=args.max_shape,
     )
-    print(f"wrote {path} ({precision}) and {sidecar_path(path)}")
+    print(f"wrote {path} ({precision}), {prompt_path(path)} and {sidecar_path(path)}")
     return 0
 
 

@@ -1,14 +1,19 @@
-"""CondInst -> one ONNX graph: network, NMS, dynamic mask head and mask-aware score.
+"""CondInst -> two ONNX graphs: the encoder (network, NMS, detections' masks, mask-aware
+score, the features box prompts need) and a small prompt graph (those features + boxes ->
+one mask per box), as SAM's ONNX export splits image encoder and prompt decoder.
 
-:class:`ExportWrapper` is the whole export "mode": a tensor-only ``forward`` that
-calls the model's own functions (``CondInst.forward``, ``decode_detections``,
-``prompt_detections``, ``CondInst.mask_logits``, ``aligned_bilinear``,
-``mean_foreground_probability``) and pads the detections to a fixed K. Nothing of
-the network or of its post-processing is written again here.
+:class:`EncoderWrapper` and :class:`PromptWrapper` are the whole export "mode": tensor-only
+``forward`` methods that call the model's own functions (``CondInst.forward``,
+``decode_detections``, ``prompt_cells``, ``CondInst.prompt``, ``CondInst.mask_logits``,
+``aligned_bilinear``, ``mean_foreground_probability``, ``mask_aware_score_from_mean``) and
+pad the detections to a fixed K. Nothing of the network or of its post-processing is
+written again here. Serving caches the encoder's outputs per image, so each new box on the
+same image runs only the prompt graph.
 
-Graph contract (inputs, outputs, padding): see :mod:`export.onnx_runtime`.
-Resize / normalise / pad before the graph and paste-back / threshold after it are
-:mod:`training.model.processing`, shared with training and serving.
+Graph contract (inputs, outputs, padding): :mod:`export.onnx_runtime`; metadata (written
+into the encoder's ``metadata_props``): :mod:`export.metadata`. Resize / normalise / pad
+before the graphs and paste-back / threshold after them are :mod:`training.model.processing`,
+shared with training and serving.
 
 Export facts this relies on (measured, see the design notes):
 - ``torch.onnx.export(..., dynamo=True)``; the legacy TorchScript exporter bakes
@@ -20,8 +25,6 @@ Export facts this relies on (measured, see the design notes):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -30,24 +33,33 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from export.onnx_runtime import INPUT_NAMES, OUTPUT_NAMES, read_onnx_metadata
+from export.metadata import (
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    PROMPT_INPUTS,
+    PROMPT_OUTPUTS,
+    ExportMetadata,
+    build_metadata,
+    prompt_path,
+    read_onnx_metadata,
+    write_onnx_metadata,
+)
 from training.config import Config
 from training.model.condinst import CondInst
-from training.model.fcos import decode_detections, prompt_detections
+from training.model.fcos import PromptCells, decode_detections, prompt_cells
 from training.model.mask_head import aligned_bilinear
 from training.model.scores import mask_aware_score_from_mean, mean_foreground_probability
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ExportWrapper",
+    "EncoderWrapper",
+    "PromptWrapper",
     "export_onnx",
     "export_checkpoint",
     "build_metadata",
     "read_onnx_metadata",
     "count_ops",
-    "INPUT_NAMES",
-    "OUTPUT_NAMES",
 ]
 
 # Each side of the padded input of a --dynamic graph; traced at an example size whose
@@ -63,17 +75,17 @@ def _pad_rows(x: Tensor, k: int, value: float | int | bool) -> Tensor:
     return torch.cat([x, x.new_full((k, *x.shape[1:]), value)])[:k]
 
 
-class ExportWrapper(nn.Module):
-    """Tensor-only inference of one image for export (batch size 1).
+class EncoderWrapper(nn.Module):
+    """The image part, tensor-only, one image (batch size 1).
 
     forward(images (1,3,H,W) float32 normalised+padded, image_size (2,) int64 (h, w)
-    un-padded, prompt_boxes (P,4) float32 xyxy input pixels) -> the 10 outputs of
-    :data:`OUTPUT_NAMES` in that order (shapes in :mod:`export.onnx_runtime`).
+    un-padded) -> the 10 outputs of :data:`export.metadata.ENCODER_OUTPUTS` in that order
+    (shapes in :mod:`export.onnx_runtime`).
 
-    Equals, row for row, ``model.detect`` (first ``max_detections`` detections) plus
-    ``prompt_detections`` + ``mask_logits`` for the prompts; padded rows have label -1,
-    zero boxes, scores and masks. The mask-aware score counts only the un-padded
-    region, built as a mask from ``image_size`` (no data-dependent slicing).
+    Equals, row for row, ``model.detect`` (first ``max_detections`` detections); padded rows
+    have label -1, zero boxes, scores and masks. The mask-aware score counts only the
+    un-padded region, built as a mask from ``image_size`` (no data-dependent slicing). The
+    last four outputs are :func:`training.model.fcos.prompt_cells` and the mask features.
     """
 
     def __init__(self, model: CondInst, max_detections: int | None = None, score_threshold: float | None = None):
@@ -91,7 +103,7 @@ class ExportWrapper(nn.Module):
         self.mask_stride = model.cfg.model.mask.out_stride
         self.mask_threshold = model.cfg.model.mask.threshold
 
-    def forward(self, images: Tensor, image_size: Tensor, prompt_boxes: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
         k = self.max_detections
         head, mask_feats = self.model(images)
         dets = decode_detections(head, 0, self.fcos)  # n <= k rows, sorted, valid first
@@ -99,12 +111,9 @@ class ExportWrapper(nn.Module):
         det_scores = _pad_rows(dets.det_scores, k, 0.0) * valid
         boxes = _pad_rows(dets.boxes, k, 0.0) * valid[:, None]
         labels = torch.where(valid, _pad_rows(dets.labels, k, 0), torch.full_like(valid, -1, dtype=torch.int64))
-        prompts = prompt_detections(head, prompt_boxes, 0, self.fcos)
-
-        # One dynamic-head run for the K detections and the P prompts.
-        params = torch.cat([_pad_rows(dets.params, k, 0.0), prompts.params])
-        locations = torch.cat([_pad_rows(dets.locations, k, 0.0), prompts.locations])
-        levels = torch.cat([_pad_rows(dets.levels, k, 0), prompts.levels])
+        params = _pad_rows(dets.params, k, 0.0)
+        locations = _pad_rows(dets.locations, k, 0.0)
+        levels = _pad_rows(dets.levels, k, 0)
         probs = self.model.mask_logits(mask_feats, params, locations, levels, torch.zeros_like(levels)).sigmoid()[:, 0]
 
         # Mask-aware score (CondInst.mean_mask_prob): full input resolution, un-padded region only.
@@ -113,23 +122,28 @@ class ExportWrapper(nn.Module):
         cols = torch.arange(wp, device=images.device)[None, :] < image_size[1]
         full = aligned_bilinear(probs[:, None], self.mask_stride)[:, 0]
         m_bar = mean_foreground_probability(full, (rows & cols)[None], self.mask_threshold)
-        all_det = torch.cat([det_scores, prompts.det_scores])
-        scores = mask_aware_score_from_mean(all_det, m_bar)
+        scores = mask_aware_score_from_mean(det_scores, m_bar)
 
-        masks = probs[:k] * valid[:, None, None]
+        cells = prompt_cells(head, 0)
+        masks = probs * valid[:, None, None]
         num_detections = valid.sum().reshape(1)
-        return (
-            boxes,
-            labels,
-            det_scores,
-            scores[:k],
-            masks,
-            num_detections,
-            prompts.labels,
-            prompts.det_scores,
-            scores[k:],
-            probs[k:],
-        )
+        return boxes, labels, det_scores, scores, masks, num_detections, cells.scores, cells.classes, cells.params, mask_feats
+
+
+class PromptWrapper(nn.Module):
+    """The prompt part, tensor-only: forward(prompt_boxes (P,4) float32 xyxy input pixels,
+    cell_scores, cell_classes, cell_params, mask_feats: the encoder's last four outputs) ->
+    (prompt_labels (P,) int64, prompt_det_scores (P,), prompt_masks (P, H/4, W/4)).
+
+    It is :meth:`training.model.condinst.CondInst.prompt`, what eager serving runs.
+    """
+
+    def __init__(self, model: CondInst):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_boxes: Tensor, cell_scores: Tensor, cell_classes: Tensor, cell_params: Tensor, mask_feats: Tensor):
+        return self.model.prompt(PromptCells(cell_scores, cell_classes, cell_params), mask_feats, prompt_boxes)
 
 
 @contextlib.contextmanager
@@ -177,63 +191,6 @@ def default_input_size(cfg: Config) -> tuple[int, int]:
     to the size divisibility (landscape; serving fits portrait images into it)."""
     d = cfg.input.size_divisibility
     return _ceil(cfg.input.min_size_test, d), _ceil(cfg.input.max_size_test, d)
-
-
-def build_metadata(
-    cfg: Config,
-    *,
-    branch: str,
-    max_detections: int,
-    score_threshold: float,
-    dynamic: bool,
-    input_size: tuple[int, int],
-    checkpoint: str | Path | None = None,
-    iteration: int | None = None,
-) -> dict[str, Any]:
-    """Everything a runtime needs besides the graph: classes, pre-processing, thresholds, version."""
-    from importlib import metadata as importlib_metadata
-
-    try:
-        package_version = importlib_metadata.version("boxteacher")
-    except importlib_metadata.PackageNotFoundError:
-        package_version = "unknown"
-    sha = None
-    if checkpoint is not None:
-        digest = hashlib.sha256()
-        with open(checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        sha = digest.hexdigest()
-    names = list(cfg.class_names) or [f"class_{i}" for i in range(cfg.model.num_classes)]
-    version = f"{sha[:12] if sha else 'unsaved'}-{branch}" + (f"-it{iteration}" if iteration is not None else "")
-    return {
-        "producer": "boxteacher",
-        "class_names": names,
-        "num_classes": cfg.model.num_classes,
-        "method": cfg.method,
-        "branch": branch,
-        "model_version": version,
-        "checkpoint_sha256": sha,
-        "iteration": iteration,
-        "boxteacher_version": package_version,
-        "min_size_test": cfg.input.min_size_test,
-        "max_size_test": cfg.input.max_size_test,
-        "pixel_mean": list(cfg.input.pixel_mean),
-        "pixel_std": list(cfg.input.pixel_std),
-        "channel_format": cfg.input.format,
-        "size_divisibility": cfg.input.size_divisibility,
-        "dynamic": bool(dynamic),
-        "input_size": None if dynamic else list(input_size),
-        "example_input_size": list(input_size),
-        "dynamic_side_range": [DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE] if dynamic else None,
-        "mask_threshold": cfg.model.mask.threshold,
-        "mask_stride": cfg.model.mask.out_stride,
-        "score_threshold": score_threshold,
-        "nms_threshold": cfg.model.fcos.nms_threshold,
-        "max_detections": max_detections,
-        "input_names": list(INPUT_NAMES),
-        "output_names": list(OUTPUT_NAMES),
-    }
 
 
 def count_ops(model, op_type: str) -> int:
@@ -297,19 +254,22 @@ def export_onnx(
     score_threshold: float | None = None,
     opset: int | None = None,
     simplify: bool = True,
-    metadata: dict[str, Any] | None = None,
+    metadata: ExportMetadata | None = None,
     branch: str = "student",
 ) -> Path:
-    """Export ``model`` (eval mode, CPU) to a single-file ONNX graph at ``output``.
+    """Export ``model`` (eval mode, CPU) to the encoder graph ``output`` and the prompt graph
+    next to it (:func:`export.metadata.prompt_path`: ``model.onnx`` -> ``model.prompt.onnx``),
+    each a single self-contained file.
 
     dynamic: H and W are dynamic (multiples of 32, 64..4096 px); the graph is traced
-    at ``input_size`` (each side raised to >= 160). Otherwise the graph has the fixed
-    input ``input_size`` (default :func:`default_input_size`). max_detections: K
-    (default: the config's). score_threshold: on cls*ctr (default: the config's).
-    opset: ONNX opset (default: torch's). simplify: run onnxslim (the unsimplified
-    graph is kept, with a warning, when it fails). metadata: stored as JSON strings in
-    ``metadata_props`` (default: :func:`build_metadata` without checkpoint info).
-    Raises RuntimeError when the graph lost its NonMaxSuppression node or a dynamic
+    at ``input_size`` (each side raised to >= 160). Otherwise the encoder has the fixed
+    input ``input_size`` (default :func:`default_input_size`); the prompt graph is always
+    dynamic in its feature sizes. max_detections: K (default: the config's).
+    score_threshold: on cls*ctr (default: the config's). opset: ONNX opset (default:
+    torch's). simplify: run onnxslim (the unsimplified graph is kept, with a warning, when
+    it fails). metadata: stored in the encoder's ``metadata_props`` (default:
+    :func:`build_metadata` without checkpoint info). Returns the encoder's path.
+    Raises RuntimeError when the encoder lost its NonMaxSuppression node or a dynamic
     export was narrowed.
     """
     import onnx
@@ -325,59 +285,80 @@ def export_onnx(
     if dynamic and min(h, w) < MIN_EXAMPLE_SIDE:
         log.info("tracing the dynamic graph at %dx%d instead of %dx%d (each side >= %d)", max(h, 160), max(w, 160), h, w, MIN_EXAMPLE_SIDE)
         h, w = max(h, MIN_EXAMPLE_SIDE), max(w, MIN_EXAMPLE_SIDE)
-    wrapper = ExportWrapper(model.eval(), max_detections, score_threshold).eval()
-    k = wrapper.max_detections
-    thr = wrapper.fcos.score_threshold
+    encoder = EncoderWrapper(model.eval(), max_detections, score_threshold).eval()
+    prompt = PromptWrapper(model.eval()).eval()
+    k = encoder.max_detections
+    thr = encoder.fcos.score_threshold
     device = model.device
     images = torch.zeros(1, 3, h, w, device=device)
     image_size = torch.tensor([h, w], dtype=torch.int64, device=device)
-    prompt_boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2], [0.0, 0.0, 1.0, 1.0]], device=device)
-    prompts_dim = {0: Dim("prompts", min=1, max=4096)}
     if dynamic:
         side = {2: 32 * Dim("h32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32), 3: 32 * Dim("w32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32)}
-        shapes = {"images": side, "image_size": None, "prompt_boxes": prompts_dim}
+        encoder_shapes = {"images": side, "image_size": None}
     else:
-        shapes = {"images": None, "image_size": None, "prompt_boxes": prompts_dim}
+        encoder_shapes = {"images": None, "image_size": None}
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), coordinate_trick_nms(), _quiet_exporter_logs(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ep = torch.export.export(wrapper, (images, image_size, prompt_boxes), dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(encoder, (images, image_size), dynamic_shapes=encoder_shapes, strict=False)
         if dynamic:
             _check_dynamic_ranges(ep, DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE)
-        program = torch.onnx.export(
-            ep,
-            (images, image_size, prompt_boxes),
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    proto = program.model_proto
-    onnx.checker.check_model(proto)
-    if count_ops(proto, "NonMaxSuppression") < 1:
+        encoder_proto = _to_onnx(ep, (images, image_size), ENCODER_INPUTS, ENCODER_OUTPUTS, opset)
+        # the prompt graph, traced on the encoder's own outputs for this example
+        features = encoder(images, image_size)[-4:]
+        boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2], [0.0, 0.0, 1.0, 1.0]], device=device)
+        cells, fh, fw = Dim("cells", min=2, max=1 << 20), Dim("fh", min=2, max=DYNAMIC_MAX_SIDE // 8), Dim("fw", min=2, max=DYNAMIC_MAX_SIDE // 8)
+        prompt_shapes = {
+            "prompt_boxes": {0: Dim("prompts", min=1, max=4096)},
+            "cell_scores": {0: cells},
+            "cell_classes": {0: cells},
+            "cell_params": {0: cells},
+            "mask_feats": {2: fh, 3: fw},
+        }
+        args = (boxes, *features)
+        prompt_ep = torch.export.export(prompt, args, dynamic_shapes=prompt_shapes, strict=False)
+        prompt_proto = _to_onnx(prompt_ep, args, PROMPT_INPUTS, PROMPT_OUTPUTS, opset)
+    if count_ops(encoder_proto, "NonMaxSuppression") < 1:
         raise RuntimeError("the exported graph has no NonMaxSuppression node (NMS left the graph)")
     if simplify:
         with _quiet_exporter_logs():
-            proto = _simplify(proto)
-    meta = dict(metadata or build_metadata(cfg, branch=branch, max_detections=k, score_threshold=thr, dynamic=dynamic, input_size=(h, w)))
-    meta["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    meta.update({"max_detections": k, "score_threshold": thr, "dynamic": bool(dynamic), "input_size": None if dynamic else [h, w], "example_input_size": [h, w]})
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    proto.producer_name = "boxteacher"
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(output))
-    log.info("wrote %s (%.1f MB, K=%d, %s)", output, output.stat().st_size / 1e6, k, "dynamic H/W" if dynamic else f"{h}x{w}")
+            encoder_proto = _simplify(encoder_proto, needs_nms=True)
+            prompt_proto = _simplify(prompt_proto, needs_nms=False)
+    meta = metadata or build_metadata(
+        cfg, branch=branch, max_detections=k, score_threshold=thr, dynamic=dynamic, input_size=(h, w), dynamic_side_range=(DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE)
+    )
+    opset_used = next((o.version for o in encoder_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    meta = meta.replace(
+        opset=opset_used, max_detections=k, score_threshold=thr, dynamic=bool(dynamic), input_size=None if dynamic else [h, w], example_input_size=[h, w]
+    )
+    write_onnx_metadata(encoder_proto, meta)
+    # the prompt graph carries the same version, so a mismatched pair is refused when loading
+    write_onnx_metadata(prompt_proto, meta)
+    for proto, path in ((encoder_proto, output), (prompt_proto, prompt_path(output))):
+        proto.producer_name = "boxteacher"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))
+    log.info(
+        "wrote %s (%.1f MB, K=%d, %s) and %s (%.2f MB)",
+        output, output.stat().st_size / 1e6, k, "dynamic H/W" if dynamic else f"{h}x{w}", prompt_path(output).name, prompt_path(output).stat().st_size / 1e6,
+    )  # fmt: skip
     return output
 
 
-def _simplify(proto):
+def _to_onnx(ep, args: tuple, input_names: tuple[str, ...], output_names: tuple[str, ...], opset: int | None):
+    program = torch.onnx.export(
+        ep, args, input_names=list(input_names), output_names=list(output_names), opset_version=opset, dynamo=True, external_data=False, verbose=False
+    )
+    proto = program.model_proto
+    import onnx
+
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _simplify(proto, needs_nms: bool):
     """onnxslim where it works; else the graph as exported, with a warning."""
     import onnx
 
@@ -389,7 +370,7 @@ def _simplify(proto):
     try:
         slim = onnxslim.slim(proto)
         onnx.checker.check_model(slim)
-        if count_ops(slim, "NonMaxSuppression") < 1:
+        if needs_nms and count_ops(slim, "NonMaxSuppression") < 1:
             raise RuntimeError("onnxslim removed the NonMaxSuppression node")
         return slim
     except Exception as err:  # any failure of the optional simplifier keeps the valid graph
@@ -409,7 +390,8 @@ def export_checkpoint(
     opset: int | None = None,
     simplify: bool = True,
 ) -> Path:
-    """``boxteacher export onnx``: one branch of a checkpoint -> ``output`` (.onnx)."""
+    """``boxteacher export onnx``: one branch of a checkpoint -> ``output`` (the encoder, .onnx)
+    and its prompt graph next to it."""
     from training.checkpoint import load_model, read_checkpoint
 
     ckpt = read_checkpoint(weights)
@@ -423,7 +405,10 @@ def export_checkpoint(
     k = int(max_detections or cfg.model.fcos.max_detections)
     thr = cfg.model.fcos.score_threshold if score_threshold is None else float(score_threshold)
     size = input_size or default_input_size(cfg)
-    meta = build_metadata(cfg, branch=branch, max_detections=k, score_threshold=thr, dynamic=dynamic, input_size=size, checkpoint=weights, iteration=iteration)
+    meta = build_metadata(
+        cfg, branch=branch, max_detections=k, score_threshold=thr, dynamic=dynamic, input_size=size,
+        dynamic_side_range=(DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE), checkpoint=weights, iteration=iteration,
+    )  # fmt: skip
     return export_onnx(
         model,
         output,

@@ -1,20 +1,23 @@
-"""Run an exported ``model.onnx`` with ONNX Runtime, and read its metadata.
+"""Run an exported model (encoder + prompt graph) with ONNX Runtime.
 
-The graph contract (see :mod:`export.onnx_export`), one image per run:
+The graph contract (see :mod:`export.onnx_export`; names in :mod:`export.metadata`), one
+image per run:
 
-inputs
-  ``images`` float32 (1, 3, H, W): normalised and padded as
-  :func:`training.model.processing.normalize_and_pad` does (H, W multiples of 32);
-  ``image_size`` int64 (2,): the un-padded (h, w) inside the padded canvas;
-  ``prompt_boxes`` float32 (P, 4), P >= 1: xyxy boxes in input pixels (callers
-  without prompts pass one dummy box [0, 0, 1, 1] and ignore the prompt outputs).
-outputs (K = max_detections in the metadata)
-  ``boxes`` (K, 4) float32 xyxy input pixels; ``labels`` (K,) int64, -1 = padding;
-  ``det_scores`` (K,) float32; ``scores`` (K,) float32 mask-aware; ``masks``
-  (K, H/4, W/4) float32 probabilities on the padded canvas; ``num_detections`` (1,)
-  int64: the real detections are the first ``num_detections`` rows, by det score;
-  ``prompt_labels`` (P,) int64, ``prompt_det_scores`` (P,), ``prompt_scores`` (P,),
-  ``prompt_masks`` (P, H/4, W/4).
+encoder ``model.onnx``
+  inputs: ``images`` float32 (1, 3, H, W), normalised and padded as
+  :func:`training.model.processing.batch_to_spec` does (H, W multiples of 32);
+  ``image_size`` int64 (2,): the un-padded (h, w) inside the padded canvas.
+  outputs (K = max_detections in the metadata): ``boxes`` (K, 4) float32 xyxy input pixels;
+  ``labels`` (K,) int64, -1 = padding; ``det_scores`` (K,) float32; ``scores`` (K,) float32
+  mask-aware; ``masks`` (K, H/4, W/4) float32 probabilities on the padded canvas;
+  ``num_detections`` (1,) int64: the real detections are the first ``num_detections`` rows,
+  by det score; and the image features box prompts read: ``cell_scores`` (N,) float32,
+  ``cell_classes`` (N,) int64, ``cell_params`` (N, P) float32 (every FPN cell, P3..P7) and
+  ``mask_feats`` (1, C, H/8, W/8) float32.
+prompt graph ``model.prompt.onnx``
+  inputs: ``prompt_boxes`` float32 (B, 4), B >= 1, xyxy in input pixels, and the encoder's
+  four feature outputs; outputs: ``prompt_labels`` (B,) int64, ``prompt_det_scores`` (B,)
+  float32, ``prompt_masks`` (B, H/4, W/4) float32.
 
 Only ``onnx`` (metadata) and ``onnxruntime`` (running) are needed here, not torch.
 """
@@ -24,52 +27,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from export.metadata import ENCODER_INPUTS, IMAGE_FEATURES, PROMPT_INPUTS, ExportMetadata, prompt_path, read_onnx_metadata
+
 log = logging.getLogger(__name__)
-
-INPUT_NAMES = ("images", "image_size", "prompt_boxes")
-OUTPUT_NAMES = (
-    "boxes",
-    "labels",
-    "det_scores",
-    "scores",
-    "masks",
-    "num_detections",
-    "prompt_labels",
-    "prompt_det_scores",
-    "prompt_scores",
-    "prompt_masks",
-)
-DUMMY_PROMPT = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The model's ``metadata_props`` as a dict, each value JSON-decoded.
-
-    Keys written by :func:`export.onnx_export.export_onnx`: class_names (list),
-    num_classes, min_size_test, max_size_test, pixel_mean, pixel_std, channel_format,
-    size_divisibility, mask_threshold, mask_stride, score_threshold, nms_threshold,
-    max_detections, dynamic (bool), input_size ([H, W] of a fixed-size graph, else
-    null), example_input_size, model_version, checkpoint_sha256, iteration, branch,
-    method, boxteacher_version, opset, input_names, output_names. A value that is not
-    JSON is returned as the plain string.
-    """
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
-    model = onnx.load(str(path), load_external_data=False)
-    meta: dict[str, Any] = {}
-    for prop in model.metadata_props:
-        try:
-            meta[prop.key] = json.loads(prop.value)
-        except ValueError:
-            meta[prop.key] = prop.value
-    return meta
 
 
 def available_providers(device: str = "cpu") -> list[str]:
@@ -92,18 +55,15 @@ def available_providers(device: str = "cpu") -> list[str]:
 
 
 class OnnxRunner:
-    """ONNX Runtime session over an exported model; the stable API serving wraps.
+    """One ONNX Runtime session: ``run(feeds) -> {output name: array}``.
 
-    ``OnnxRunner(path, device="cpu", providers=None, threads=None)``:
+    ``OnnxRunner(path, device="cpu", providers=None, threads=None, config=None, inputs=None)``:
     CPUExecutionProvider by default; with ``device="cuda"`` (or "cuda:N") the TensorRT
     and CUDA execution providers when onnxruntime-gpu provides them. ``providers``
     overrides the choice (names or (name, options) pairs); ``threads`` sets the
     intra-op thread count (default: ORT's); ``config`` adds session config entries
-    (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
-
-    ``run(images_padded, image_size, prompt_boxes=None) -> dict[str, np.ndarray]``
-    with the inputs and outputs of the module docstring; ``prompt_boxes=None`` feeds
-    the dummy box.
+    (e.g. ``{"session.intra_op.allow_spinning": "0"}``); ``inputs``: the input names the
+    graph must have (ValueError otherwise).
     """
 
     def __init__(
@@ -113,6 +73,7 @@ class OnnxRunner:
         providers: list | None = None,
         threads: int | None = None,
         config: dict[str, str] | None = None,
+        inputs: tuple[str, ...] | None = None,
     ):
         import onnxruntime as ort
 
@@ -130,12 +91,15 @@ class OnnxRunner:
         providers = providers or self._providers(self.device)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
-        names = [i.name for i in self.session.get_inputs()]
-        if tuple(names) != INPUT_NAMES:
-            raise ValueError(f"{path} is not a boxteacher export: inputs {names}, expected {list(INPUT_NAMES)}")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if inputs is not None and tuple(self.input_names) != tuple(inputs):
+            raise ValueError(
+                f"{path} is not a boxteacher export of this version: inputs {self.input_names}, expected {list(inputs)} "
+                "(export it again with 'boxteacher export onnx')"
+            )
         self.output_names = [o.name for o in self.session.get_outputs()]
         shape = self.session.get_inputs()[0].shape
-        self.fixed_hw = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
+        self.fixed_hw = tuple(shape[2:]) if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]) else None
 
     @staticmethod
     def _providers(device: str) -> list:
@@ -151,9 +115,34 @@ class OnnxRunner:
                 out.append(p)
         return out
 
-    def run(self, images_padded: np.ndarray, image_size, prompt_boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """images_padded (1,3,H,W) float32, image_size (h, w) int64, prompt_boxes (P,4)
-        float32 or None -> {output name: array} (see the module docstring)."""
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{input name: array} -> {output name: array}."""
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+class OnnxModel:
+    """An export's two sessions: :meth:`encode` (the encoder) and :meth:`prompt` (the prompt
+    graph, found next to the encoder by :func:`export.metadata.prompt_path`), and its
+    :class:`export.metadata.ExportMetadata`. Arguments as :class:`OnnxRunner`."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, config: dict[str, str] | None = None):
+        path = Path(path)
+        self.metadata: ExportMetadata = read_onnx_metadata(path)
+        second = prompt_path(path)
+        if not second.is_file():
+            raise FileNotFoundError(f"{path.name} needs its prompt graph {second.name} next to it (both are written by 'boxteacher export onnx')")
+        self.encoder = OnnxRunner(path, device, threads=threads, config=config, inputs=ENCODER_INPUTS)
+        self.prompter = OnnxRunner(second, device, threads=threads, config=config, inputs=PROMPT_INPUTS)
+        version = read_onnx_metadata(second).model_version
+        if version != self.metadata.model_version:
+            raise ValueError(f"{second.name} (model {version}) does not belong to {path.name} (model {self.metadata.model_version}); export again")
+        self.path = path
+        self.device = str(device)
+        self.providers = self.encoder.providers
+        self.fixed_hw = self.encoder.fixed_hw
+
+    def encode(self, images_padded: np.ndarray, image_size) -> dict[str, np.ndarray]:
+        """images_padded (1,3,H,W) float32, image_size (h, w) -> the encoder's 10 outputs."""
         images = np.ascontiguousarray(np.asarray(images_padded, dtype=np.float32))
         if images.ndim != 4 or images.shape[0] != 1 or images.shape[1] != 3:
             raise ValueError(f"images must be (1,3,H,W), got {images.shape}")
@@ -162,11 +151,12 @@ class OnnxRunner:
                 f"this ONNX model was exported for a fixed input of {self.fixed_hw[0]}x{self.fixed_hw[1]}, "
                 f"got {images.shape[2]}x{images.shape[3]}; pad to that size or export with --dynamic"
             )
-        boxes = DUMMY_PROMPT if prompt_boxes is None or len(prompt_boxes) == 0 else np.asarray(prompt_boxes, dtype=np.float32).reshape(-1, 4)
-        feeds = {
-            "images": images,
-            "image_size": np.asarray(image_size, dtype=np.int64).reshape(2),
-            "prompt_boxes": np.ascontiguousarray(boxes),
-        }
-        outputs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outputs))
+        return self.encoder.run({"images": images, "image_size": np.asarray(image_size, dtype=np.int64).reshape(2)})
+
+    def prompt(self, features: dict[str, np.ndarray], prompt_boxes: np.ndarray) -> dict[str, np.ndarray]:
+        """features: the encoder's :data:`export.metadata.IMAGE_FEATURES` outputs; prompt_boxes
+        (B, 4) float32, B >= 1 -> prompt_labels, prompt_det_scores, prompt_masks."""
+        boxes = np.ascontiguousarray(np.asarray(prompt_boxes, dtype=np.float32).reshape(-1, 4))
+        if boxes.shape[0] == 0:
+            raise ValueError("the prompt graph needs at least one box")
+        return self.prompter.run({"prompt_boxes": boxes, **{k: features[k] for k in IMAGE_FEATURES}})

@@ -1,4 +1,6 @@
-"""``model.onnx`` -> a plain TensorRT plan + ``<plan>.json`` sidecar (TensorRT 10.x and 11.x).
+"""``model.onnx`` (+ ``model.prompt.onnx``) -> two plain TensorRT plans (encoder and prompt
+graph: ``model.engine``, ``model.prompt.engine``) + the ``model.engine.json`` sidecar
+(TensorRT 10.x and 11.x).
 
 Precision, by TensorRT major version (NVIDIA "Migrating from TensorRT 10.x to 11.x":
 11.x networks are always strongly typed; the FP16/BF16/INT8 builder flags, the
@@ -25,11 +27,12 @@ TensorRT version that built them: build on the target machine.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+from export.metadata import ExportMetadata, prompt_path, read_onnx_metadata, sidecar_path, write_engine_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +63,24 @@ def trt_major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def sidecar_path(engine: str | Path) -> Path:
-    return Path(str(engine) + ".json")
-
-
 def _shape_triplet(
-    meta: dict[str, Any], min_hw: Sequence[int] | None, opt_hw: Sequence[int] | None, max_hw: Sequence[int] | None
+    meta: ExportMetadata, min_hw: Sequence[int] | None, opt_hw: Sequence[int] | None, max_hw: Sequence[int] | None
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """min/opt/max (H, W) of the images profile: the fixed size of a fixed graph; for a
     dynamic graph the given shapes, defaulting to the test scale around the example size."""
-    fixed = None if meta.get("dynamic", True) else meta.get("input_size")
-    if fixed:
-        fixed_hw = (int(fixed[0]), int(fixed[1]))
+    fixed_hw = meta.fixed_hw
+    if fixed_hw:
         for name, hw in (("min", min_hw), ("opt", opt_hw), ("max", max_hw)):
             if hw is not None and tuple(int(v) for v in hw) != fixed_hw:
                 raise ValueError(f"the ONNX model has a fixed input {fixed_hw}; --{name}-shape {tuple(hw)} does not fit it")
         return fixed_hw, fixed_hw, fixed_hw
-    d = int(meta.get("size_divisibility", 32))
+    d = int(meta.size_divisibility)
 
     def ceil(x: int) -> int:
         return -(-int(x) // d) * d
 
-    lo, hi = int(meta.get("min_size_test", 800)), int(meta.get("max_size_test", 1333))
-    example = meta.get("example_input_size") or [ceil(lo), ceil(hi)]
+    lo, hi = int(meta.min_size_test), int(meta.max_size_test)
+    example = meta.example_input_size or [ceil(lo), ceil(hi)]
     opt = tuple(int(v) for v in (opt_hw or example))
     mx = tuple(int(v) for v in max_hw) if max_hw else (max(ceil(hi), opt[0]), max(ceil(hi), opt[1]))
     low = max(64, ceil(lo // 2))
@@ -93,6 +91,17 @@ def _shape_triplet(
     if not (mn[0] <= opt[0] <= mx[0] and mn[1] <= opt[1] <= mx[1]):
         raise ValueError(f"need min <= opt <= max per side, got min {mn}, opt {opt}, max {mx}")
     return mn, opt, mx
+
+
+def prompt_profile(image_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the prompt graph's feature inputs for a padded input of ``image_hw``:
+    cells N = sum of the P3..P7 cell counts, mask features at stride 8 (without the batch
+    and channel dims, which the caller adds)."""
+    from training.model.fcos import level_sizes  # noqa: PLC0415
+
+    p3 = (image_hw[0] // 8, image_hw[1] // 8)
+    cells = sum(h * w for h, w in level_sizes(p3, 5))
+    return {"cells": (cells,), "mask_feats": p3}
 
 
 def _autocast(onnx_path: Path, precision: str, workdir: Path) -> Path:
@@ -148,16 +157,15 @@ def _calibration_images(calib_dir: str | Path, limit: int) -> list[Path]:
     return files[:limit]
 
 
-def _make_calibrator(trt, files: list[Path], meta: dict[str, Any], opt_hw: tuple[int, int], cache: Path):
+def _make_calibrator(trt, files: list[Path], meta: ExportMetadata, opt_hw: tuple[int, int], cache: Path):
     """IInt8EntropyCalibrator2 fed one image at a time through the export pre-processing
     (test-scale resize fitted into the calibration (opt) shape, normalise, pad)."""
-    import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from export.check import prepare_image  # noqa: PLC0415
     from training.data.coco import load_image  # noqa: PLC0415
+    from training.model.processing import batch_to_spec, resize_to_spec  # noqa: PLC0415
 
-    fixed_meta = dict(meta, dynamic=False, input_size=list(opt_hw))
+    spec = meta.replace(dynamic=False, input_size=list(opt_hw)).input_spec()
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
@@ -173,12 +181,8 @@ def _make_calibrator(trt, files: list[Path], meta: dict[str, Any], opt_hw: tuple
                 return None
             image = load_image(files[self.index]).as_subclass(torch.Tensor)
             self.index += 1
-            batch, hw = prepare_image(image, fixed_meta)
-            feeds = {
-                "images": batch.contiguous(),
-                "image_size": torch.tensor(hw, dtype=torch.int64),
-                "prompt_boxes": torch.from_numpy(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)),
-            }
+            batch, sizes = batch_to_spec([resize_to_spec(image, spec)], spec)
+            feeds = {"images": batch.contiguous(), "image_size": torch.tensor(sizes[0], dtype=torch.int64)}
             self.buffers = {k: v.cuda() for k, v in feeds.items()}
             return [int(self.buffers[n].data_ptr()) for n in names]
 
@@ -204,25 +208,25 @@ def build_engine(
     max_shape: Sequence[int] | None = None,
     max_prompts: int = MAX_PROMPTS,
 ) -> Path:
-    """Build a TensorRT plan from a boxteacher ONNX export; write ``output`` and its sidecar.
+    """Build the TensorRT plans of a boxteacher ONNX export: ``output`` from the encoder, its
+    prompt plan (:func:`export.metadata.prompt_path`) from the prompt graph, and the sidecar.
 
     precision: fp32 | fp16 | bf16 | int8 (int8 needs ``calib``, a folder of images, on
-    TensorRT 10; on 11 it needs an ONNX quantised with Q/DQ nodes). min/opt/max_shape:
-    (H, W) of the ``images`` optimisation profile (a fixed-size ONNX fixes all three).
+    TensorRT 10; on 11 it needs an ONNX quantised with Q/DQ nodes); the small prompt plan
+    is always built in fp32. min/opt/max_shape: (H, W) of the ``images`` optimisation
+    profile (a fixed-size ONNX fixes all three); the prompt plan's profile follows from it.
     Raises TensorRTNotInstalled, FileNotFoundError, ValueError or RuntimeError.
     """
-    from export.onnx_runtime import read_onnx_metadata  # noqa: PLC0415
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     onnx_path, output = Path(onnx_path), Path(output)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
-    trt = import_tensorrt()
+    if not prompt_path(onnx_path).is_file():
+        raise FileNotFoundError(f"{onnx_path.name} needs its prompt graph {prompt_path(onnx_path).name} next to it")
     meta = read_onnx_metadata(onnx_path)
-    if meta.get("producer") != "boxteacher":
-        log.warning("%s has no boxteacher metadata; building it anyway", onnx_path)
     mn, opt, mx = _shape_triplet(meta, min_shape, opt_shape, max_shape)
+    trt = import_tensorrt()
     major = trt_major(trt)
     if major < 10:
         raise RuntimeError(f"TensorRT {trt.__version__} is too old: boxteacher builds with TensorRT 10.x or 11.x")
@@ -238,52 +242,83 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    shapes = {"min": prompt_profile(mn), "opt": prompt_profile(opt), "max": prompt_profile(mx)}
+    prompt_shapes = {
+        "prompt_boxes": [(1, 4), (1, 4), (int(max_prompts), 4)],
+        **{name: [shapes[k]["cells"] for k in ("min", "opt", "max")] for name in ("cell_scores", "cell_classes")},
+        "cell_params": [(shapes[k]["cells"][0], _controller_params(onnx_path)) for k in ("min", "opt", "max")],
+        "mask_feats": [(1, _mask_channels(onnx_path), *shapes[k]["mask_feats"]) for k in ("min", "opt", "max")],
+    }
     with tempfile.TemporaryDirectory(prefix="boxteacher-trt-") as tmp:
         source = onnx_path
         if major >= 11 and precision in ("fp16", "bf16"):
             source = _autocast(onnx_path, precision, Path(tmp))
-        network = builder.create_network(0)  # explicit batch (10.x); always strongly typed (11.x)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(source)):
-            errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {source}:\n{errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        profile = builder.create_optimization_profile()
-        profile.set_shape("images", (1, 3, *mn), (1, 3, *opt), (1, 3, *mx))
-        profile.set_shape("prompt_boxes", (1, 4), (1, 4), (int(max_prompts), 4))
-        config.add_optimization_profile(profile)
-        if major == 10 and precision != "fp32":
-            flag = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}[precision]
-            config.set_flag(getattr(trt.BuilderFlag, flag))
-            if precision == "int8":
-                config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
-            pinned = _pin_fp32(trt, network)
-            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-            log.info("%s build: %d layers pinned to FP32 (rank <= 2 outputs: scores, boxes, NMS)", precision, pinned)
-            if precision == "int8":
-                files = _calibration_images(calib, calib_images)  # type: ignore[arg-type]
-                cache = output.with_suffix(output.suffix + ".calib")
-                config.int8_calibrator = _make_calibrator(trt, files, meta, opt, cache)
-                config.set_calibration_profile(profile)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError(f"TensorRT failed to build an engine from {source} (see the TensorRT log above)")
+        calibrate = None
+        if precision == "int8":
+            files = _calibration_images(calib, calib_images)  # type: ignore[arg-type]
+            cache = output.with_suffix(output.suffix + ".calib")
+            calibrate = lambda: _make_calibrator(trt, files, meta, opt, cache)  # noqa: E731
+        plan = _build(trt, builder, logger, source, {"images": [(1, 3, *mn), (1, 3, *opt), (1, 3, *mx)]}, workspace_gb, precision if major == 10 else "fp32", calibrate)
+        prompt_plan = _build(trt, builder, logger, prompt_path(onnx_path), prompt_shapes, workspace_gb, "fp32", None)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(bytes(plan))
-    sidecar = dict(meta)
-    sidecar.update(
-        {
-            "engine": output.name,
-            "onnx": str(onnx_path),
-            "precision": precision,
-            "tensorrt_version": str(trt.__version__),
-            "dynamic": mn != mx,
-            "input_size": None if mn != mx else list(opt),
-            "profile": {"min": list(mn), "opt": list(opt), "max": list(mx), "max_prompts": int(max_prompts)},
-            "onnx_metadata": meta,
-        }
+    prompt_path(output).write_bytes(bytes(prompt_plan))
+    extra = dict(meta.extra)
+    extra.update(
+        engine=output.name,
+        prompt_engine=prompt_path(output).name,
+        onnx=str(onnx_path),
+        precision=precision,
+        tensorrt_version=str(trt.__version__),
+        profile={"min": list(mn), "opt": list(opt), "max": list(mx), "max_prompts": int(max_prompts)},
     )
-    sidecar_path(output).write_text(json.dumps(sidecar, indent=2) + "\n")
-    log.info("wrote %s (%.1f MB, TensorRT %s, %s) and %s", output, output.stat().st_size / 1e6, trt.__version__, precision, sidecar_path(output).name)
+    write_engine_sidecar(output, meta.replace(dynamic=mn != mx, input_size=None if mn != mx else list(opt), extra=extra))
+    log.info("wrote %s, %s (TensorRT %s, %s) and %s", output, prompt_path(output).name, trt.__version__, precision, sidecar_path(output).name)
     return output
+
+
+def _build(trt, builder, logger, source: Path, profile_shapes: dict, workspace_gb: float, precision: str, calibrator):
+    """One serialized plan of ``source`` with one optimisation profile {input: [min, opt, max]}."""
+    network = builder.create_network(0)  # explicit batch (10.x); always strongly typed (11.x)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {source}:\n{errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile_shapes.items():
+        profile.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(profile)
+    if precision != "fp32":  # TensorRT 10 builder flags
+        flag = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}[precision]
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
+        pinned = _pin_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        log.info("%s build: %d layers pinned to FP32 (rank <= 2 outputs: scores, boxes, NMS)", precision, pinned)
+        if calibrator is not None:
+            config.int8_calibrator = calibrator()
+            config.set_calibration_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {source} (see the TensorRT log above)")
+    return plan
+
+
+def _graph_input_dim(onnx_path: Path, name: str, axis: int) -> int:
+    """A static dimension of an input of the prompt graph (controller params, mask channels)."""
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.load(str(prompt_path(onnx_path)), load_external_data=False).graph
+    value = next(v for v in graph.input if v.name == name)
+    return int(value.type.tensor_type.shape.dim[axis].dim_value)
+
+
+def _controller_params(onnx_path: Path) -> int:
+    return _graph_input_dim(onnx_path, "cell_params", 1)
+
+
+def _mask_channels(onnx_path: Path) -> int:
+    return _graph_input_dim(onnx_path, "mask_feats", 1)

@@ -1,29 +1,22 @@
-"""Run a TensorRT plan built by :mod:`export.tensorrt_build` with the ONNX Runtime outputs.
+"""Run the TensorRT plans built by :mod:`export.tensorrt_build` with the ONNX Runtime outputs.
 
-``TensorRTRunner(engine_path, device="cuda")``; ``run(images_padded, image_size,
-prompt_boxes=None) -> dict[str, np.ndarray]`` with the same names, shapes and
-meanings as :class:`export.onnx_runtime.OnnxRunner` (see that module's docstring);
-``run_torch`` returns CUDA tensors instead (no copy to the host). Buffers are torch
-CUDA tensors; inference is ``execute_async_v3`` on the current torch stream.
+:class:`TensorRTRunner` is one plan: ``run_torch(feeds) -> {output name: CUDA tensor}`` (no
+copy to the host); :class:`TensorRTModel` is an export's two plans (encoder and prompt
+graph, :func:`export.metadata.prompt_path`) with the ``encode`` / ``prompt`` methods of
+:class:`export.onnx_runtime.OnnxModel` (same names, shapes and meanings; see that module's
+docstring), returning CUDA tensors. Buffers are torch CUDA tensors; inference is
+``execute_async_v3`` on the current torch stream.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.tensorrt_build import import_tensorrt, sidecar_path
-
-
-def read_engine_metadata(engine: str | Path) -> dict[str, Any]:
-    """The JSON sidecar ``<engine>.json`` written next to the plan."""
-    path = sidecar_path(engine)
-    if not path.is_file():
-        raise FileNotFoundError(f"TensorRT engine {engine} has no metadata sidecar {path}")
-    return json.loads(path.read_text())
+from export.metadata import IMAGE_FEATURES, ExportMetadata, prompt_path, read_engine_metadata
+from export.tensorrt_build import import_tensorrt
 
 
 class TensorRTRunner:
@@ -67,17 +60,11 @@ class TensorRTRunner:
             raise RuntimeError(f"unsupported TensorRT tensor type {dt}")
         return table[dt]
 
-    def run_torch(self, images_padded, image_size, prompt_boxes=None) -> dict[str, Any]:
-        """Like :meth:`run`, returning CUDA torch tensors."""
+    def run_torch(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """{input name: tensor or array} -> {output name: CUDA tensor}."""
         import torch  # noqa: PLC0415
 
         dev = self.device
-        boxes = [[0.0, 0.0, 1.0, 1.0]] if prompt_boxes is None or len(prompt_boxes) == 0 else prompt_boxes
-        feeds = {
-            "images": torch.as_tensor(images_padded, dtype=torch.float32),
-            "image_size": torch.as_tensor(np.asarray(image_size, dtype=np.int64).reshape(2) if not torch.is_tensor(image_size) else image_size, dtype=torch.int64).reshape(2),
-            "prompt_boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        }
         stream = torch.cuda.current_stream(dev)
         keep = []  # inputs must outlive the asynchronous execution
         for name in self.inputs:
@@ -85,7 +72,7 @@ class TensorRTRunner:
                 raise ValueError(f"engine input {name!r} is not one of {list(feeds)}")
             # shape-inference inputs live in host memory, the others on the GPU
             host = self.engine.is_shape_inference_io(name)
-            t = feeds[name].to("cpu" if host else dev, self.dtypes[name]).contiguous()
+            t = torch.as_tensor(feeds[name]).to("cpu" if host else dev, self.dtypes[name]).contiguous()
             keep.append(t)
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
@@ -112,11 +99,6 @@ class TensorRTRunner:
             nbytes = n * torch.empty((), dtype=dtype).element_size()
             outputs[name] = self._allocator.buffers[name][:nbytes].view(dtype).reshape(shape).clone()
         return {name: outputs[name] for name in self.outputs}
-
-    def run(self, images_padded, image_size, prompt_boxes=None) -> dict[str, np.ndarray]:
-        """images_padded (1,3,H,W) float32, image_size (h, w), prompt_boxes (P,4) or None ->
-        {output name: numpy array}, as :meth:`export.onnx_runtime.OnnxRunner.run`."""
-        return {name: t.cpu().numpy() for name, t in self.run_torch(images_padded, image_size, prompt_boxes).items()}
 
     def _output_allocator(self):
         import torch  # noqa: PLC0415
@@ -145,3 +127,34 @@ class TensorRTRunner:
 
         self._allocator = Allocator()
         return self._allocator
+
+
+class TensorRTModel:
+    """An export's two plans (``model.engine`` and ``model.prompt.engine``) and the encoder's
+    sidecar metadata; :meth:`encode` and :meth:`prompt` as :class:`export.onnx_runtime.OnnxModel`,
+    returning CUDA torch tensors."""
+
+    def __init__(self, engine: str | Path, device: str = "cuda"):
+        engine = Path(engine)
+        self.metadata: ExportMetadata = read_engine_metadata(engine)
+        second = prompt_path(engine)
+        if not second.is_file():
+            raise FileNotFoundError(f"{engine.name} needs its prompt plan {second.name} next to it (both are built by 'boxteacher export tensorrt')")
+        self.encoder = TensorRTRunner(engine, device)
+        self.prompter = TensorRTRunner(second, device)
+        self.device = self.encoder.device
+        self.fixed_hw = self.metadata.fixed_hw
+
+    def encode(self, images_padded, image_size) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+
+        size = image_size if torch.is_tensor(image_size) else torch.as_tensor(np.asarray(image_size, dtype=np.int64))
+        return self.encoder.run_torch({"images": torch.as_tensor(images_padded, dtype=torch.float32), "image_size": size.reshape(2)})
+
+    def prompt(self, features: dict[str, Any], prompt_boxes) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+
+        boxes = torch.as_tensor(prompt_boxes, dtype=torch.float32).reshape(-1, 4)
+        if boxes.shape[0] == 0:
+            raise ValueError("the prompt engine needs at least one box")
+        return self.prompter.run_torch({"prompt_boxes": boxes, **{k: features[k] for k in IMAGE_FEATURES}})

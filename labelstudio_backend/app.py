@@ -7,10 +7,11 @@ Routes, in the shapes Label Studio 1.23 sends and reads:
 ``GET /health``    ``{"status": "UP", "model_class": "BoxTeacher", "model_version": ..., "training": {...}}``
 ``POST /setup``    ``{"project": "<id>.<ts>", "schema": <label config>, ...}`` -> ``{"model_version": ...}``
 ``POST /predict``  ``{"tasks": [...], "label_config": ..., "params": {"context": null | {"result": [...]}}}``
-                   -> ``{"results": [<prediction per task>], "model_version": ...}``
+                   -> ``{"results": [<prediction per task>], "model_version": ...}``; an interactive
+                   request that fails: 422 / 424 ``{"status", "detail", "errors": [reason]}``
 ``POST /webhook``  ``{"action": "START_TRAINING" | "ANNOTATION_CREATED" | ..., "project": {...}}``
                    -> 201 ``{"status": "ok", "result": {...}}``; other actions: 200 ``{"status": "Unknown event"}``
-``GET /metrics``   JSON counters: predictions, latencies, image cache, training
+``GET /metrics``   JSON counters: predictions, latencies, image cache, encoding cache, training
 =================  =================================================================================
 
 With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set, every route needs HTTP Basic auth.
@@ -38,7 +39,7 @@ from labelstudio_backend.fit import TrainingManager, read_state
 from labelstudio_backend.images import ImageFetcher
 from labelstudio_backend.label_config import LabelConfig, LabelConfigError, parse_label_config
 from labelstudio_backend.model import ModelHolder, RemotePredictor
-from labelstudio_backend.predict import PredictOptions, TaskPredictor
+from labelstudio_backend.predict import PredictOptions, TaskPredictor, context_rectangles
 from labelstudio_backend.settings import BackendSettings
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def load_holder(settings: BackendSettings) -> ModelHolder:
         if current.is_file():
             path, generation = current, int(state.get("generation", 0))
             log.info("serving the fine-tuned %s (generation %d) of %s", current, generation, settings.model)
-    return ModelHolder(load_predictor(path, settings.device, settings.branch), generation, name=Path(settings.model).stem)
+    cache_bytes = int(settings.encoding_cache_mb * 1024 * 1024)
+    return ModelHolder(load_predictor(path, settings.device, settings.branch, cache_bytes), generation, name=Path(settings.model).stem)
 
 
 def create_app(settings: BackendSettings | None = None, holder: ModelHolder | None = None) -> FastAPI:
@@ -205,7 +207,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         return {"model_version": holder.model_version}
 
     @app.post("/predict")
-    def predict(request: Request, payload: dict = Body(...)) -> dict:
+    def predict(request: Request, payload: dict = Body(...)):
         st = request.app.state
         tasks = payload.get("tasks") or []
         params = payload.get("params") or {}
@@ -213,7 +215,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         config = config_for(payload.get("project"), payload.get("label_config"))
         started = time.perf_counter()
         predictions, outcomes = st.predictor.predict(tasks, config, context)
-        mode = "interactive" if outcomes and outcomes[0].mode == "interactive" else "batch"
+        mode = "interactive" if tasks and context_rectangles(context) is not None else "batch"
         stats.observe(mode, time.perf_counter() - started, outcomes)
         log.info(
             "predict %s: %d task(s), %d region(s), %d failed, %.3f s",
@@ -223,6 +225,12 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
             sum(1 for o in outcomes if o.error),
             time.perf_counter() - started,
         )
+        if mode == "interactive" and outcomes[0].error:
+            # Label Studio turns a non-2xx answer into {"errors": [...]} for the smart tool's request
+            # (and its log) instead of storing an empty prediction; direct callers get the reason.
+            message = f"task {outcomes[0].task_id}: {outcomes[0].error}"
+            status = outcomes[0].status or 500
+            return JSONResponse({"status": status, "detail": message, "errors": [message]}, status_code=status)
         return {"results": predictions, "model_version": st.holder.model_version}
 
     @app.post("/webhook")
@@ -241,6 +249,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
             "model_version": st.holder.model_version,
             **stats.snapshot(),
             "image_cache": st.predictor.fetcher.cache.stats(),
+            "encoding_cache": st.holder.cache_stats(),
             "training": st.training.status(),
         }
 

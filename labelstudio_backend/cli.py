@@ -38,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from labelstudio_backend.app import create_app
     from labelstudio_backend.settings import BackendSettings
+    from serving.errors import validation_message
 
     given = {
         "model": args.model,
@@ -53,8 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         settings = BackendSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"invalid settings: {problems}") from None
+        raise ValueError(f"invalid settings: {validation_message(err, 'settings')}") from None
     if settings.model is None and settings.server_url is None:
         raise ValueError("no model: pass --model FILE or --server-url URL (or set BOXTEACHER_LS_MODEL)")
     if settings.model is not None and not settings.model.is_file():

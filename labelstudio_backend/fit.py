@@ -234,7 +234,7 @@ class TrainingManager:
 
         # 4. hot-swap
         self._stage("swapping")
-        predictor = load_predictor(final, s.device, s.branch)
+        predictor = load_predictor(final, s.device, s.branch, int(s.encoding_cache_mb * 1024 * 1024))
         self.holder.swap(predictor, generation)
         state = read_state(self.work_dir)
         state.update(base_model=str(self.base_model) if self.base_model else None, current=str(final), generation=generation)

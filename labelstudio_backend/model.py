@@ -64,7 +64,10 @@ class RemotePredictor:
         boxes: Sequence[np.ndarray | None] | None = None,
         score_threshold: float | None = None,
         max_instances: int | None = None,
+        use_cache: bool = True,
     ) -> list[list[Instance]]:
+        """As :meth:`serving.runtime.Predictor.predict` (``use_cache`` is the server's business:
+        the API keeps its own encoding cache and finds the same image by its pixels)."""
         box_list = list(boxes) if boxes is not None else [None] * len(images)
         if len(images) <= 1:
             return [self._one(im, b, score_threshold, max_instances) for im, b in zip(images, box_list)]
@@ -143,13 +146,19 @@ class ModelHolder:
     def model_version(self) -> str:
         return f"{self.name}-v{self.generation}-{str(self._predictor.version)[:8]}"
 
-    def predict(self, images, boxes=None, score_threshold=None, max_instances=None):
+    def predict(self, images, boxes=None, score_threshold=None, max_instances=None, use_cache=True):
         """:meth:`serving.runtime.Predictor.predict`, one call at a time."""
         with self._lock:
-            return self._predictor.predict(images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances)
+            return self._predictor.predict(images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
+
+    def cache_stats(self) -> dict | None:
+        """The encoding cache's counters (None for a remote server: see its /metrics)."""
+        cache = getattr(self._predictor, "cache", None)
+        return cache.stats() if cache is not None else None
 
     def swap(self, predictor, generation: int | None = None) -> None:
-        """Serve ``predictor`` from now on (after the running prediction) and close the old one."""
+        """Serve ``predictor`` from now on (after the running prediction) and close the old one
+        (which drops its cached encodings: the new model answers from its own only)."""
         with self._lock:
             old, self._predictor = self._predictor, predictor
             self.generation = self.generation + 1 if generation is None else generation

@@ -12,8 +12,17 @@ Two modes, chosen by the request:
   mapped from the model's classes (:mod:`labelstudio_backend.label_config`).
 
 Tasks run in chunks of ``batch_size`` images (one forward pass each, images fetched in
-parallel). A task that fails (image missing, URL refused, bad box) gets an empty
-prediction and a logged reason; the other tasks are not affected.
+parallel). In batch mode a task that fails (image missing, URL refused, bad box) gets an
+empty prediction and a logged reason; the other tasks are not affected. An interactive
+request that fails is answered with an HTTP error instead (``TaskOutcome.status``: 424 when
+the image cannot be fetched, 422 for a rectangle that is empty or outside the image), so
+Label Studio records the failure instead of an empty "success" (see docs/labelstudio.md for
+what Label Studio shows of it).
+
+Interactive requests go through the predictor's encoding cache (an annotator's boxes on
+one image: the first encodes it, the next ones run only the prompt part); batch requests
+bypass it (they run batched forwards over many images and must not evict the images
+annotators are working on).
 
 A prediction is ``{"result": [...], "score": s, "model_version": v}`` with ``s`` the mean
 (or min) of its regions' scores, 0 when it has none.
@@ -38,6 +47,22 @@ log = logging.getLogger(__name__)
 MIN_BOX_PIXELS = 1.0  # a rectangle narrower or lower than this (after clipping) gets no mask
 
 
+class BadRectangle(ValueError):
+    """An interactive rectangle that cannot be segmented (empty, or outside the image)."""
+
+
+def error_status(err: Exception) -> int:
+    """The HTTP status of an interactive request that failed with ``err``: 422 for a bad
+    rectangle or box, 424 (Failed Dependency) when the task's image cannot be had, 500 else."""
+    from labelstudio_backend.images import ImageFetchError
+
+    if isinstance(err, (ImageFetchError, KeyError)):
+        return 424
+    if isinstance(err, ValueError):
+        return 422
+    return 500
+
+
 @dataclass
 class PredictOptions:
     score_threshold: float = 0.3  # detections: minimum mask-aware score
@@ -55,6 +80,7 @@ class TaskOutcome:
     mode: str  # "interactive" | "boxes" | "detections" | "failed"
     regions: int = 0
     error: str | None = None
+    status: int | None = None  # the HTTP status an interactive request answers with when it failed
 
 
 @dataclass
@@ -135,13 +161,13 @@ class TaskPredictor:
 
     # ---- one chunk --------------------------------------------------------------------------
     def _run_chunk(self, chunk: list[_Job], config: LabelConfig, version: str, mode: str | None) -> list[tuple[dict, TaskOutcome]]:
-        errors: dict[int, str] = {}
-        futures = [self.pool.submit(self._prepare, job, config) for job in chunk]
+        errors: dict[int, Exception] = {}
+        futures = [self.pool.submit(self._prepare, job, config, mode == "interactive") for job in chunk]
         for job, fut in zip(chunk, futures):
             try:
                 fut.result()
             except Exception as err:  # noqa: BLE001 - one bad task must not fail the batch
-                errors[job.index] = f"{type(err).__name__}: {err}"
+                errors[job.index] = err
         instances: dict[int, list] = {}
         for job in chunk:  # rectangles given, but none usable: nothing to run
             if job.index not in errors and job.boxes is not None and len(job.boxes) == 0:
@@ -149,26 +175,29 @@ class TaskPredictor:
         ready = [job for job in chunk if job.index not in errors and job.index not in instances]
         if ready:
             try:
-                out = self._infer(ready)
+                out = self._infer(ready, use_cache=mode == "interactive")
                 instances.update({job.index: inst for job, inst in zip(ready, out)})
             except Exception:  # noqa: BLE001 - retry one by one so only the bad task fails
                 for job in ready:
                     try:
-                        instances[job.index] = self._infer([job])[0]
+                        instances[job.index] = self._infer([job], use_cache=mode == "interactive")[0]
                     except Exception as err:  # noqa: BLE001
-                        errors[job.index] = f"{type(err).__name__}: {err}"
+                        errors[job.index] = err
         results = []
         for job in chunk:
             task_id = job.task.get("id")
             if job.index in errors:
-                results.append((self._prediction([], version), TaskOutcome(task_id, "failed", 0, errors[job.index])))
+                err = errors[job.index]
+                outcome = TaskOutcome(task_id, "failed", 0, f"{type(err).__name__}: {err}", error_status(err))
+                results.append((self._prediction([], version), outcome))
                 continue
             items, scores, job_mode = self._regions(job, instances[job.index], config, mode)
             results.append((self._prediction(items, version, scores), TaskOutcome(task_id, job_mode, len(scores))))
         return results
 
-    def _prepare(self, job: _Job, config: LabelConfig) -> None:
-        """Fetch the image and turn the rectangles into pixel boxes."""
+    def _prepare(self, job: _Job, config: LabelConfig, strict: bool = False) -> None:
+        """Fetch the image and turn the rectangles into pixel boxes (``strict``, interactive:
+        a rectangle that is empty or outside the image raises :class:`BadRectangle`)."""
         data = job.task.get("data") or {}
         if config.image_key not in data:
             raise KeyError(f"the task data has no '{config.image_key}' (keys: {sorted(data)[:10]})")
@@ -180,13 +209,16 @@ class TaskPredictor:
         for rect in rectangles_in(job.rect_results, w, h, config.image_name):
             x0, y0, x1, y1 = max(rect.box[0], 0.0), max(rect.box[1], 0.0), min(rect.box[2], float(w)), min(rect.box[3], float(h))
             if x1 - x0 < MIN_BOX_PIXELS or y1 - y0 < MIN_BOX_PIXELS:
+                if strict:
+                    name = f"rectangle {rect.region_id}" if rect.region_id else "the rectangle"
+                    raise BadRectangle(f"{name} {[round(v, 1) for v in rect.box]} is empty or outside the {w}x{h} image")
                 log.info("task %s: rectangle %s is empty or outside the image; no mask", job.task.get("id"), rect.region_id)
                 continue
             kept.append(Rectangle((x0, y0, x1, y1), rect.label, rect.region_id, rect.from_name))
         job.rects = kept
         job.boxes = np.asarray([r.box for r in kept], dtype=np.float32).reshape(-1, 4)
 
-    def _infer(self, jobs: list[_Job]) -> list[list]:
+    def _infer(self, jobs: list[_Job], use_cache: bool) -> list[list]:
         o = self.options
         started = time.perf_counter()
         out = self.holder.predict(
@@ -194,6 +226,7 @@ class TaskPredictor:
             boxes=[j.boxes if j.rect_results is not None else None for j in jobs],
             score_threshold=o.score_threshold,
             max_instances=o.max_instances,
+            use_cache=use_cache,
         )
         log.debug("inference of %d images: %.3f s", len(jobs), time.perf_counter() - started)
         return out

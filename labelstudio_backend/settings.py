@@ -65,6 +65,7 @@ class BackendSettings(BaseSettings):
     max_redirects: int = Field(3, ge=0)  # each hop must be allowed too
     cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0)  # decoded images kept (LRU); 0: no cache
     cache_ttl_s: float = Field(600.0, ge=0)  # a cached image is fetched again after this long
+    encoding_cache_mb: float = Field(512.0, ge=0)  # image encodings kept for interactive boxes (LRU by bytes); 0: off
 
     # --- predictions -------------------------------------------------------------------------------
     score_threshold: float = Field(0.3, ge=0, le=1)  # detections (tasks without rectangles): minimum mask-aware score

@@ -15,6 +15,14 @@ predictor's time inside the server, from the ``Server-Timing`` header) / that ti
 over requests (robust to a noisy machine); p50(HTTP) / p50(bare predictor in this process)
 - 1 as well; and the throughput gain of batching (highest concurrency vs concurrency 1,
 and vs the same concurrency unbatched). Client and server share the machine's cores.
+Both sides run with the encoding cache off here, so that every request does the whole work.
+
+``--prompts`` measures the annotator's loop instead (:func:`prompt_latency`): for each image
+size, the first box on an image (the image part runs) and the next boxes on the same image
+(only the prompt part runs, from the cache), p50 / p95, in process and through POST
+/v1/segment, with the cache on and off, and the peak RSS of the server with its cache full.
+``--random-model RECIPE`` writes a conditioned random checkpoint of a recipe (backbone weights
+none: timing only) and its ONNX export into ``--workdir`` and benchmarks both runtimes.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import platform
 import re
@@ -168,6 +177,7 @@ def run_serve_benchmark(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     server_env = {"BOXTEACHER_TORCH_THREADS": str(torch_threads)} if torch_threads else {}
+    server_env["BOXTEACHER_CACHE_MB"] = "0"  # every request does the whole work, as the bare predictor below
 
     from serving.runtime import load_predictor
 
@@ -183,7 +193,7 @@ def run_serve_benchmark(
 
     import httpx
 
-    predictor = load_predictor(model, device)
+    predictor = load_predictor(model, device, cache_bytes=0)
     thr = score_threshold if score_threshold is not None else 0.3  # the server's default
     setup = {
         "model": str(model),
@@ -325,10 +335,163 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- the annotator's loop: first box, next boxes --------------------------------------------------
+def prompt_boxes(image_hw: tuple[int, int], count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` deterministic (1, 4) xyxy boxes inside an image, 10-40% of each side."""
+    rng = np.random.default_rng(seed)
+    h, w = image_hw
+    out = []
+    for _ in range(count):
+        bw, bh = rng.uniform(0.1, 0.4) * w, rng.uniform(0.1, 0.4) * h
+        x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        out.append(np.array([[x0, y0, x0 + bw, y0 + bh]], dtype=np.float32))
+    return out
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident set size (VmHWM) of a process in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid or 'self'}/status").read_text()
+    except OSError:
+        return 0.0
+    m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def _summary(times: list[float]) -> dict[str, float | int]:
+    return {"n": len(times), "p50_ms": round(1000 * _percentile(times, 50), 1), "p95_ms": round(1000 * _percentile(times, 95), 1)}
+
+
+def prompt_latency(
+    model: str | Path,
+    image_sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...] = ((480, 640), (1080, 1920)),
+    num_images: int = 3,
+    boxes_per_image: int = 4,
+    *,
+    device: str = "cpu",
+    http: bool = True,
+    cache_off: bool = True,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """First box and next boxes on the same image (see the module docstring).
+
+    Returns {"setup", "rows": [{"path", "cache", "image", "first_box": {n, p50_ms, p95_ms},
+    "next_boxes": {...}}], "peak_rss_mb": {"in_process": .., "server": ..}}. ``cache_off``
+    adds the in-process predictor with its cache off (every box runs the whole network).
+    """
+    import httpx
+    import torch
+
+    from serving.runtime import load_predictor
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    rows: list[dict[str, Any]] = []
+    sets = {hw: (benchmark_images(num_images, hw, seed=7), [prompt_boxes(hw, boxes_per_image, seed=k) for k in range(num_images)]) for hw in map(tuple, image_sizes)}
+
+    def per_size(call, path: str, cache: str) -> None:
+        for hw, (images, boxes) in sets.items():
+            first, rest = [], []
+            for im, bs in zip(images, boxes):
+                for j, b in enumerate(bs):
+                    start = time.perf_counter()
+                    call(im, b)
+                    (first if j == 0 else rest).append(time.perf_counter() - start)
+            rows.append({"path": path, "cache": cache, "image": f"{hw[1]}x{hw[0]}", "first_box": _summary(first), "next_boxes": _summary(rest)})
+
+    predictor = load_predictor(model, device)
+    runtime = predictor.runtime
+    predictor.warm_up()
+    per_size(lambda im, b: predictor.predict([im], boxes=[b]), "in process", "on")
+    rss_in_process = peak_rss_mb()
+    if cache_off:
+        predictor.cache.max_bytes = 0  # from now on nothing is cached: every box encodes its image
+        predictor.cache.clear()
+        per_size(lambda im, b: predictor.predict([im], boxes=[b]), "in process", "off")
+    predictor.close()
+    del predictor
+    server_rss = None
+    if http:
+        payloads = {hw: [_png(im) for im in images] for hw, (images, _) in sets.items()}
+        env = {"BOXTEACHER_TORCH_THREADS": str(torch_threads)} if torch_threads else {}
+        with _ServerProcess(model, device, 1, 0.0, env) as server, httpx.Client(base_url=server.url, timeout=600) as client:
+            index = {hw: {id(im): k for k, im in enumerate(images)} for hw, (images, _) in sets.items()}
+
+            def post(im, b, hw=None):
+                hw = hw or im.shape[:2]
+                data = payloads[hw][index[hw][id(im)]]
+                r = client.post("/v1/segment", files={"image": ("image.png", data, "image/png")}, data={"boxes": json.dumps(b.tolist())})
+                r.raise_for_status()
+
+            per_size(post, "POST /v1/segment", "on")
+            server_rss = peak_rss_mb(server.proc.pid if server.proc else None)
+    return {
+        "setup": {
+            "model": str(model),
+            "runtime": runtime,
+            "device": device,
+            "images_per_size": num_images,
+            "boxes_per_image": boxes_per_image,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_average": round(os.getloadavg()[0], 2),
+        },
+        "rows": rows,
+        "peak_rss_mb": {"in_process": round(rss_in_process, 1), "server": round(server_rss, 1) if server_rss else None},
+    }
+
+
+def format_prompt_markdown(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        f"Model `{Path(s['model']).name}` ({s['runtime']}, {s['device']}), {s['images_per_size']} images per size, "
+        f"{s['boxes_per_image']} boxes per image (the first one encodes the image); {s['cpus']} CPUs, torch threads "
+        f"{s['torch_threads']}, load average {s['load_average']} at the start.",
+        "",
+        "| path | cache | image | first box p50 / p95 (ms) | next boxes p50 / p95 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        f, n = r["first_box"], r["next_boxes"]
+        lines.append(f"| {r['path']} | {r['cache']} | {r['image']} | {f['p50_ms']} / {f['p95_ms']} | {n['p50_ms']} / {n['p95_ms']} |")
+    rss = result["peak_rss_mb"]
+    lines += ["", f"Peak RSS with the cache full: in process {rss['in_process']} MiB, server {rss['server']} MiB."]
+    return "\n".join(lines)
+
+
+def random_models(recipe: str, workdir: str | Path, overrides: list[str] | None = None, onnx: bool = True) -> list[Path]:
+    """A conditioned random checkpoint of ``recipe`` (+ ``model.backbone.weights=none``) and,
+    with ``onnx``, its dynamic ONNX export, in ``workdir`` (reused when there): for timing."""
+    from training.checkpoint import write_random_checkpoint
+    from training.config import load_config
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    name = Path(recipe).stem
+    ckpt = work / f"{name}-random.pth"
+    if not ckpt.is_file():
+        write_random_checkpoint(ckpt, load_config(recipe, ["model.backbone.weights=none", *(overrides or [])]))
+    out = [ckpt]
+    if onnx:
+        from export.onnx_export import export_checkpoint
+
+        path = work / f"{name}-random.onnx"
+        if not path.is_file():
+            export_checkpoint(ckpt, path, branch="teacher", dynamic=True)
+        out.append(path)
+    return out
+
+
 # ---- CLI wiring (the benchmark command group calls these) -----------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``boxteacher benchmark serve``."""
-    p.add_argument("--model", required=True, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine)")
+    p.add_argument("--model", default=None, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine)")
+    p.add_argument("--random-model", default=None, metavar="RECIPE", help="instead of --model: a random conditioned checkpoint of RECIPE (backbone weights none) and its ONNX export, both benchmarked")
+    p.add_argument("--workdir", default="bench-serve", help="where --random-model writes its models (reused)")
+    p.add_argument("--prompts", action="store_true", help="the annotator's loop: first box vs next boxes on the same image, cache on/off")
+    p.add_argument("--prompt-sizes", default="480x640,1080x1920", help="HxW image sizes of --prompts (default 480x640,1080x1920)")
+    p.add_argument("--prompt-images", type=int, default=3, help="images per size for --prompts")
+    p.add_argument("--boxes-per-image", type=int, default=4)
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels (default 1,8,32)")
     p.add_argument("--requests", type=int, default=64, help="requests per level (default 64)")
     p.add_argument("--device", default="cpu")
@@ -342,11 +505,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Handler of ``boxteacher benchmark serve``: prints the Markdown table."""
-    import json
+    """Handler of ``boxteacher benchmark serve``: prints the Markdown table(s)."""
+    if (args.model is None) == (args.random_model is None):
+        raise ValueError("give --model FILE or --random-model RECIPE")
+    models = [Path(args.model)] if args.model else random_models(args.random_model, args.workdir)
+    results = []
+    for model in models:
+        results.append(_run_one(args, model))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return 0
 
+
+def _run_one(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    if args.prompts:
+        sizes = [tuple(int(v) for v in hw.split("x")) for hw in str(args.prompt_sizes).split(",") if hw.strip()]
+        result = prompt_latency(model, sizes, args.prompt_images, args.boxes_per_image, device=args.device, torch_threads=args.torch_threads)
+        print(format_prompt_markdown(result), flush=True)
+        return result
     result = run_serve_benchmark(
-        args.model,
+        model,
         [int(c) for c in str(args.concurrency).split(",") if c.strip()],
         args.requests,
         device=args.device,
@@ -357,10 +535,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         compare_unbatched=not args.no_unbatched,
         torch_threads=args.torch_threads,
     )
-    print(format_markdown(result))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    return 0
+    print(format_markdown(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":  # python -m serving.benchmark --model FILE ...

@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from serving.app import create_app
+    from serving.errors import validation_message
     from serving.settings import ServeSettings
 
     given = {
@@ -48,8 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"invalid settings: {problems}") from None
+        raise ValueError(f"invalid settings: {validation_message(err, 'settings')}") from None
     if settings.model is None:
         raise ValueError("no model: pass --model FILE or set BOXTEACHER_MODEL")
     if not settings.model.is_file():

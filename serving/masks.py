@@ -28,12 +28,42 @@ class MaskFormat(str, Enum):
 
 
 def encode_rle(mask: np.ndarray) -> dict:
-    """(H, W) bool (or nonzero = inside) -> {"size": [H, W], "counts": str} (COCO compressed RLE)."""
+    """(H, W) bool (or nonzero = inside) -> {"size": [H, W], "counts": str} (COCO compressed RLE).
+
+    Byte for byte what ``pycocotools.mask.encode`` gives for the full mask, computed from the
+    mask's bounding crop: the column-major runs of the crop are shifted to full-image indices
+    (runs that continue from the bottom of one column to the top of the next are joined), and
+    pycocotools compresses the counts. Work grows with the crop, not the image (a box-prompted
+    mask on a 1920x1080 image encodes in a fraction of the full-image time).
+    """
     from pycocotools import mask as mask_utils
 
+    h, w = (int(v) for v in mask.shape)
     binary = mask if mask.dtype == bool else mask > 0
-    rle = mask_utils.encode(np.asfortranarray(binary.view(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    rows = np.flatnonzero(binary.any(axis=1))
+    if rows.size == 0:
+        counts = [h * w]
+    else:
+        cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        ch = r1 - r0
+        # the crop column by column, each column followed by one 0 so that runs end in their column
+        padded = np.zeros((c1 - c0, ch + 1), np.int8)
+        padded[:, :ch] = binary[r0:r1, c0:c1].T
+        step = np.diff(padded.reshape(-1), prepend=0)
+        starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+        starts = (c0 + starts // (ch + 1)) * h + r0 + starts % (ch + 1)
+        ends = (c0 + ends // (ch + 1)) * h + r0 + ends % (ch + 1)
+        apart = starts[1:] != ends[:-1]  # False: a run continues into the next column
+        starts, ends = starts[np.r_[True, apart]], ends[np.r_[apart, True]]
+        edges = np.empty(2 * len(starts) + 2, np.int64)
+        edges[0], edges[-1] = 0, h * w
+        edges[1:-1:2], edges[2:-1:2] = starts, ends
+        counts = np.diff(edges).tolist()
+        if counts[-1] == 0:  # pycocotools ends on the last run of ones
+            counts.pop()
+    rle = mask_utils.frPyObjects({"counts": counts, "size": [h, w]}, h, w)
+    return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
 
 
 @functools.cache

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import time
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -32,6 +35,15 @@ class ServingMetrics:
         )
         self.instances = Counter("boxteacher_instances", "Instances returned", registry=r)
         self.model = Info("boxteacher_model", "The served model", registry=r)
+        self.decodes = Counter(
+            "boxteacher_image_decodes", "Uploaded images decoded, or skipped (same bytes as an upload whose encoding is cached)", ["result"], registry=r
+        )
+        self._cache_stats: Callable[[], dict] | None = None
+        r.register(_CacheCollector(lambda: self._cache_stats() if self._cache_stats else None))
+
+    def watch_cache(self, stats: Callable[[], dict]) -> None:
+        """Export the encoding cache's ``stats()`` (serving.cache.EncodingCache) at every scrape."""
+        self._cache_stats = stats
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -39,6 +51,26 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """boxteacher_encoding_cache_{hits,misses,evictions}_total, _bytes, _entries, _max_bytes,
+    read from the cache when /metrics is scraped (no bookkeeping on the request path)."""
+
+    def __init__(self, stats: Callable[[], dict | None]):
+        self.stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.stats()
+        if s is None:
+            return
+        for name, doc in (("hits", "Requests whose image encoding was in the cache"), ("misses", "Image encodings computed"), ("evictions", "Encodings dropped to stay under the byte limit")):
+            yield CounterMetricFamily(f"boxteacher_encoding_cache_{name}", doc, value=s[name])
+        for name, doc in (("bytes", "Bytes held by cached encodings"), ("entries", "Cached encodings"), ("max_bytes", "Byte limit of the encoding cache")):
+            yield GaugeMetricFamily(f"boxteacher_encoding_cache_{name}", doc, value=s[name])
 
 
 class MetricsMiddleware:

@@ -1,6 +1,9 @@
 """Box-prompted masks: exactly one instance per given box, in the given order.
 
-Written once, used by every runtime (PyTorch, ONNX Runtime, TensorRT):
+A runtime's network work for one image is split in two (:mod:`serving.runtime`): the image
+part, an :class:`ImageEncoding` (detections and the features box prompts read; cached per
+image), and the prompt part, a :class:`PromptOutput` per set of boxes. Written once, used by
+every runtime (PyTorch, ONNX Runtime, TensorRT):
 
 1. the model's own detections are matched to the boxes with Algorithm 1
    (:func:`training.model.assignment.assign_pseudo_masks`: greedy, one-to-one, IoU >= 0.5,
@@ -8,7 +11,7 @@ Written once, used by every runtime (PyTorch, ONNX Runtime, TensorRT):
 2. a matched box takes that detection's mask, class and detection score;
 3. a box without a match takes the "prompt" outputs: the dynamic mask head run with
    the controller parameters at the box centre on the FPN level its size falls into
-   (:func:`training.model.fcos.prompt_detections`), and the class / detection score
+   (:meth:`training.model.condinst.CondInst.prompt`), and the class / detection score
    at that cell;
 4. every mask is clipped to its box and scored with the mask-aware score
    (:func:`training.model.scores.mask_aware_score`) over the box.
@@ -16,7 +19,8 @@ Written once, used by every runtime (PyTorch, ONNX Runtime, TensorRT):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from training.model.assignment import assign_pseudo_masks
 from training.model.boxes import box_pixel_masks
-from training.model.processing import paste_masks
+from training.model.processing import paste_masks, scale_boxes
 from training.model.scores import mask_aware_score
 
 # ``Instance.source`` values
@@ -60,6 +64,48 @@ def validate_boxes(boxes: np.ndarray | list, image_hw: tuple[int, int]) -> np.nd
     return clipped.astype(np.float32)
 
 
+def nbytes(value: Any) -> int:
+    """Bytes of a tensor or array (0 for anything else)."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    return int(getattr(value, "nbytes", 0))
+
+
+@dataclass
+class ImageEncoding:
+    """The image part of one image's network run, at the input resolution: what the cache holds.
+
+    boxes (K,4) xyxy input pixels; labels (K,) int64; det_scores (K,); scores (K,) mask-aware;
+    mask_probs (K, hp/4, wp/4) stride-4 probabilities on the padded canvas; input_hw the
+    resized, un-padded input size; features: what the runtime's prompt part reads (the
+    encoder outputs cell_scores, cell_classes, cell_params, mask_feats, as the runtime holds
+    them: torch tensors or numpy arrays).
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    det_scores: Tensor
+    scores: Tensor
+    mask_probs: Tensor
+    input_hw: tuple[int, int]
+    features: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        own = (self.boxes, self.labels, self.det_scores, self.scores, self.mask_probs)
+        return sum(nbytes(t) for t in own) + sum(nbytes(v) for v in self.features.values())
+
+
+@dataclass
+class PromptOutput:
+    """The prompt part for P boxes: labels (P,) int64 and det_scores (P,) at each box's prompt
+    location, mask_probs (P, hp/4, wp/4) from the dynamic head there."""
+
+    labels: Tensor
+    det_scores: Tensor
+    mask_probs: Tensor
+
+
 @dataclass
 class PromptedMasks:
     """One row per given box, in order (original image pixels).
@@ -79,15 +125,8 @@ class PromptedMasks:
 
 def box_prompted_masks(
     boxes: Tensor,
-    det_boxes: Tensor,
-    det_labels: Tensor,
-    det_scores: Tensor,
-    det_mask_scores: Tensor,
-    det_mask_probs: Tensor,
-    prompt_labels: Tensor,
-    prompt_det_scores: Tensor,
-    prompt_mask_probs: Tensor,
-    input_hw: tuple[int, int],
+    encoding: ImageEncoding,
+    prompt: PromptOutput,
     output_hw: tuple[int, int],
     mask_threshold: float = 0.5,
     mask_stride: int = 4,
@@ -98,40 +137,38 @@ def box_prompted_masks(
 
     Args:
         boxes: (P, 4) xyxy in original pixels, already validated and clipped.
-        det_boxes: (K, 4) the model's detections, xyxy in original pixels.
-        det_labels, det_scores, det_mask_scores: (K,) class, detection score, mask-aware score.
-        det_mask_probs: (K, hp/4, wp/4) stride-4 probabilities on the padded input canvas.
-        prompt_labels, prompt_det_scores: (P,) class and detection score at each box's
-            prompt location; prompt_mask_probs: (P, hp/4, wp/4) its mask probabilities.
-        input_hw: the resized (un-padded) network input size; output_hw: the original size.
+        encoding: the image's detections (input resolution) and features.
+        prompt: the prompt part's outputs for these boxes (scaled to the input).
+        output_hw: the original image size.
     Returns:
         :class:`PromptedMasks`.
     """
     num = boxes.shape[0]
     h, w = output_hw
-    device = det_mask_probs.device
+    device = encoding.mask_probs.device
     boxes = boxes.to(device=device, dtype=torch.float32)
+    det_boxes = scale_boxes(encoding.boxes.float().to(device), encoding.input_hw, output_hw)
     matched = assign_pseudo_masks(
-        det_boxes.to(device), det_mask_scores.to(device), boxes, iou_threshold=iou_threshold, score_threshold=match_score_threshold
+        det_boxes, encoding.scores.to(device), boxes, iou_threshold=iou_threshold, score_threshold=match_score_threshold
     )
     if num == 0:
         empty = torch.zeros(0, device=device)
         return PromptedMasks(empty.long(), empty, empty, torch.zeros(0, h, w, dtype=torch.bool, device=device), [], matched)
     has = matched >= 0
     safe = matched.clamp(min=0)
-    if det_mask_probs.shape[0] > 0:
-        probs_s4 = torch.where(has[:, None, None], det_mask_probs[safe], prompt_mask_probs.to(device))
-        labels = torch.where(has, det_labels.to(device)[safe].long(), prompt_labels.to(device).long())
-        det = torch.where(has, det_scores.to(device)[safe].float(), prompt_det_scores.to(device).float())
+    if encoding.mask_probs.shape[0] > 0:
+        probs_s4 = torch.where(has[:, None, None], encoding.mask_probs[safe], prompt.mask_probs.to(device))
+        labels = torch.where(has, encoding.labels.to(device)[safe].long(), prompt.labels.to(device).long())
+        det = torch.where(has, encoding.det_scores.to(device)[safe].float(), prompt.det_scores.to(device).float())
     else:
-        probs_s4 = prompt_mask_probs.to(device)
-        labels = prompt_labels.to(device).long()
-        det = prompt_det_scores.to(device).float()
+        probs_s4 = prompt.mask_probs.to(device)
+        labels = prompt.labels.to(device).long()
+        det = prompt.det_scores.to(device).float()
     masks = torch.zeros(num, h, w, dtype=torch.bool, device=device)
     scores = torch.zeros(num, device=device)
     for sl in chunk_slices(num, h * w):
         inside = box_pixel_masks(boxes[sl], h, w)
-        probs = paste_masks(probs_s4[sl].float(), input_hw, output_hw, mask_stride) * inside
+        probs = paste_masks(probs_s4[sl].float(), encoding.input_hw, output_hw, mask_stride) * inside
         scores[sl] = mask_aware_score(det[sl], probs, None, mask_threshold)
         masks[sl] = probs > mask_threshold
     sources = [SOURCE_MATCHED if m else SOURCE_PROMPT for m in has.tolist()]

@@ -1,23 +1,31 @@
 """Predictors: one small contract, three runtimes, chosen by the model file.
 
     predictor = load_predictor("model.pth")        # eager PyTorch, teacher weights
-    predictor = load_predictor("model.onnx")       # ONNX Runtime (CUDA/TensorRT EPs when present)
-    predictor = load_predictor("model.engine")     # TensorRT plan + model.engine.json sidecar
+    predictor = load_predictor("model.onnx")       # ONNX Runtime (+ model.prompt.onnx next to it)
+    predictor = load_predictor("model.engine")     # TensorRT plans + model.engine.json sidecar
     [[Instance, ...], ...] = predictor.predict([rgb_uint8_hwc, ...], boxes=[None | (n,4) xyxy, ...])
 
-Every runtime shares the same code around the network (``training.model.processing``):
+**Encode once, prompt many.** A runtime implements two parts: :meth:`Predictor._encode`
+(the image part: resized images in, one :class:`serving.prompting.ImageEncoding` each:
+detections, their masks and the features box prompts need) and :meth:`Predictor._prompt`
+(the prompt part: an encoding and boxes in, a :class:`serving.prompting.PromptOutput` out).
+Encodings are cached per (model version, image content hash) in an LRU bounded in bytes
+(:mod:`serving.cache`), so a second request for the same image (more boxes, or the
+automatic detections again) runs only the prompt part, or nothing of the network. The
+cached path runs the very same code as the uncached one on the very same tensors, so its
+answers are identical.
+
+Every runtime shares the code around the network (``training.model.processing``):
 resize to the test scale, normalise and pad (before); scale boxes back, paste the
 stride-4 mask probabilities to the original size and threshold them (after); and the
-box-prompt logic of :mod:`serving.prompting`. A runtime only implements
-:meth:`Predictor._infer`: resized images in, :class:`NetworkOutput` (input resolution) out.
+box-prompt logic of :mod:`serving.prompting`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from serving.prompting import SOURCE_DETECTION, box_prompted_masks, chunk_slices, validate_boxes
-from training.model.processing import fit_long_side, normalize_and_pad, pad_to_canvas, paste_masks, resize_image, scale_boxes
+from serving.cache import EncodingCache, image_digest
+from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, chunk_slices, validate_boxes
+from training.model.processing import InputSpec, batch_to_spec, paste_masks, resize_to_spec, scale_boxes
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("pytorch", "onnxruntime", "tensorrt")
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024  # encodings kept per predictor (R-50 at 800x1333: ~40 MB each)
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -64,40 +74,17 @@ class Instance:
         return int(np.count_nonzero(self.mask))
 
 
-@dataclass
-class NetworkOutput:
-    """One image's network outputs at the input resolution (what a runtime returns).
-
-    boxes (K,4) xyxy input pixels; labels (K,) int64; det_scores (K,); scores (K,)
-    mask-aware; mask_probs (K, hp/4, wp/4) stride-4 probabilities on the padded canvas;
-    prompt_labels / prompt_det_scores (P,) and prompt_mask_probs (P, hp/4, wp/4) for the
-    prompt boxes (P = 0 without prompts); input_hw: the resized, un-padded input size.
-    """
-
-    boxes: Tensor
-    labels: Tensor
-    det_scores: Tensor
-    scores: Tensor
-    mask_probs: Tensor
-    prompt_labels: Tensor
-    prompt_det_scores: Tensor
-    prompt_mask_probs: Tensor
-    input_hw: tuple[int, int]
-
-
 @dataclass(frozen=True)
-class InputSpec:
-    """How images are fed to the network: shortest side -> min_size, long side <=
-    max_size, channels in ``channel_format``, (x - mean) / std, padded to a multiple of
-    ``size_divisibility``; ``fixed_hw`` (H, W) when the exported graph has a fixed size."""
+class ImageRef:
+    """An image given by its content key instead of its pixels: ``digest`` =
+    :func:`serving.cache.image_digest` of the pixels, ``hw`` their (H, W), ``load()`` returns
+    the (H, W, 3) uint8 pixels (called only when the encoding is not in the cache). The HTTP
+    API passes these for uploads it has decoded before, so a repeated upload is neither
+    decoded nor hashed again."""
 
-    min_size: int
-    max_size: int
-    pixel_mean: tuple[float, float, float]
-    pixel_std: tuple[float, float, float]
-    channel_format: str = "RGB"
-    size_divisibility: int = 32
-    fixed_hw: tuple[int, int] | None = None
+    digest: str
+    hw: tuple[int, int]
+    load: Callable[[], np.ndarray]
 
 
 PerImage = float | int | None | Sequence[float | int | None]
@@ -114,11 +101,9 @@ def _per_image(value: PerImage, n: int, what: str) -> list:
 
 def file_version(path: str | Path) -> str:
     """First 12 hex digits of the file's SHA-256: the model version when none is stored."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    from export.metadata import file_sha256
+
+    return file_sha256(path)[:12]
 
 
 class Predictor(ABC):
@@ -138,6 +123,7 @@ class Predictor(ABC):
         mask_stride: int = 4,
         device: str = "cpu",
         path: str | Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.name = name
         self.version = version
@@ -147,6 +133,7 @@ class Predictor(ABC):
         self.mask_stride = mask_stride
         self.device = device
         self.path = Path(path) if path is not None else None
+        self.cache: EncodingCache[ImageEncoding] = EncodingCache(cache_bytes)
 
     # ---- description -----------------------------------------------------------------
     @property
@@ -175,16 +162,17 @@ class Predictor(ABC):
     # ---- the contract ------------------------------------------------------------------
     def predict(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | ImageRef],
         boxes: Sequence[np.ndarray | None] | None = None,
         score_threshold: PerImage = None,
         max_instances: PerImage = None,
+        use_cache: bool = True,
     ) -> list[list[Instance]]:
         """Instances for each image.
 
         Args:
-            images: (H, W, 3) uint8 RGB arrays (any sizes; run as one batch where the
-                runtime can).
+            images: (H, W, 3) uint8 RGB arrays or :class:`ImageRef` instances (any sizes; the images
+                not in the cache run as one batch where the runtime can).
             boxes: None, or one entry per image: None (automatic detection) or an
                 (n, 4) float array of xyxy boxes in that image's pixels. With boxes the
                 result has exactly one instance per box, in the given order, each mask
@@ -192,6 +180,9 @@ class Predictor(ABC):
             score_threshold: drop detections whose mask-aware score is below it (a number
                 for all images or one per image; None keeps all the model's detections).
             max_instances: keep at most this many detections, best mask-aware score first.
+            use_cache: look the images up in the encoding cache and store new encodings
+                there (False: neither; batch jobs over many images use it so that they do
+                not evict the images annotators are working on).
         Returns:
             per image, its instances sorted by mask-aware score (descending), or in box
             order for box prompts.
@@ -207,102 +198,96 @@ class Predictor(ABC):
             raise ValueError(f"boxes: got {len(box_list)} entries for {n} images")
         thresholds = _per_image(score_threshold, n, "score_threshold")
         limits = _per_image(max_instances, n, "max_instances")
-
-        tensors, originals, resized, prompts, clipped = [], [], [], [], []
+        checked: list[np.ndarray | ImageRef] = []
+        sizes, clipped = [], []
         for i, image in enumerate(images):
-            image = np.asarray(image)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-                raise ValueError(f"image {i} must be an (H, W, 3) uint8 RGB array; got {image.dtype} {list(image.shape)}")
-            hw = (int(image.shape[0]), int(image.shape[1]))
-            chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-            small = self._resize(chw)
-            in_hw = (int(small.shape[-2]), int(small.shape[-1]))
-            tensors.append(small)
-            originals.append(hw)
-            resized.append(in_hw)
-            if box_list[i] is None:
-                clipped.append(None)
-                prompts.append(None)
-            else:
-                b = validate_boxes(box_list[i], hw)
-                clipped.append(b)
-                scale = np.array([in_hw[1] / hw[1], in_hw[0] / hw[0]] * 2, dtype=np.float32)
-                prompts.append(torch.from_numpy(b * scale))
-
-        outputs = self._infer(tensors, prompts)
+            if not isinstance(image, ImageRef):
+                image = _check_image(image, i)
+            hw = image.hw if isinstance(image, ImageRef) else image.shape[:2]
+            checked.append(image)
+            sizes.append(hw)
+            clipped.append(None if box_list[i] is None else validate_boxes(box_list[i], hw))
+        encodings = self.encode(checked, use_cache)
         return [
-            self._finish(out, hw, b, thr, lim)
-            for out, hw, b, thr, lim in zip(outputs, originals, clipped, thresholds, limits)
+            self._finish(enc, hw, b, thr, lim) for enc, hw, b, thr, lim in zip(encodings, sizes, clipped, thresholds, limits)
         ]
 
+    def cache_key(self, image: np.ndarray | ImageRef) -> tuple[str, str]:
+        """The encoding cache's key of an image: (model version, content digest)."""
+        return self.version, image.digest if isinstance(image, ImageRef) else image_digest(image)
+
+    def encode(self, images: Sequence[np.ndarray | ImageRef], use_cache: bool = True) -> list[ImageEncoding]:
+        """The image part of each image (an (H, W, 3) uint8 array or an :class:`ImageRef`): from
+        the cache, or encoded (the misses together, in one :meth:`_encode` call) and then cached."""
+        keys = [self.cache_key(im) if use_cache and self.cache.max_bytes > 0 else None for im in images]
+        found = [self.cache.get(k) if k is not None else None for k in keys]
+        missing = [i for i, enc in enumerate(found) if enc is None]
+        if missing:
+            pixels = [_check_image(images[i].load(), i) if isinstance(images[i], ImageRef) else images[i] for i in missing]
+            resized = [self._resize(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)) for im in pixels]
+            for i, enc in zip(missing, self._encode(resized)):
+                found[i] = enc
+                if keys[i] is not None:
+                    self.cache.put(keys[i], enc)
+        return found  # type: ignore[return-value]
+
     def warm_up(self) -> None:
-        """One automatic and one box-prompted prediction on a blank image at the test size."""
+        """One automatic and one box-prompted prediction on a blank image at the test size
+        (not cached)."""
         s = self.input_spec
         h, w = s.fixed_hw or (s.min_size, s.min_size)
         image = np.full((h, w, 3), 114, dtype=np.uint8)
-        self.predict([image])
-        self.predict([image], boxes=[np.array([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], dtype=np.float32)])
+        self.predict([image], use_cache=False)
+        self.predict([image], boxes=[np.array([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], dtype=np.float32)], use_cache=False)
 
     def close(self) -> None:
-        """Release runtime resources (sessions, engines)."""
+        """Release runtime resources (sessions, engines) and the cached encodings."""
+        self.cache.clear()
 
     # ---- what a runtime implements -------------------------------------------------------
     @abstractmethod
-    def _infer(self, images: list[Tensor], prompts: list[Tensor | None]) -> list[NetworkOutput]:
-        """Run the network.
+    def _encode(self, images: list[Tensor]) -> list[ImageEncoding]:
+        """The image part: resized (3, h, w) uint8 RGB tensors (see :meth:`_resize`) -> one
+        encoding per image (detections at the input resolution, features for prompts)."""
 
-        images: resized (3, h, w) uint8 RGB tensors (see :meth:`_resize`); prompts: per
-        image None or (P, 4) float32 xyxy boxes in the resized image's pixels.
-        """
+    @abstractmethod
+    def _prompt(self, encoding: ImageEncoding, boxes: Tensor) -> PromptOutput:
+        """The prompt part: (P, 4) float32 xyxy boxes in the resized image's pixels, P >= 1."""
 
     # ---- shared pre / post-processing -------------------------------------------------------
     def _resize(self, image: Tensor) -> Tensor:
         """(3, H, W) -> the network's input size (test-scale rule; fits a fixed canvas)."""
-        s = self.input_spec
-        long_cap = fit_long_side(int(image.shape[-2]), int(image.shape[-1]), s.max_size, s.fixed_hw)
-        return resize_image(image, s.min_size, long_cap)
+        return resize_to_spec(image, self.input_spec)
 
     def _normalize(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Resized images -> (B, 3, Hp, Wp) float32 batch (on the images' device) and sizes."""
-        s = self.input_spec
-        batch, sizes = normalize_and_pad(images, list(s.pixel_mean), list(s.pixel_std), s.channel_format, s.size_divisibility)
-        return pad_to_canvas(batch, s.fixed_hw), sizes
+        return batch_to_spec(images, self.input_spec)
 
     def _finish(
         self,
-        out: NetworkOutput,
+        enc: ImageEncoding,
         output_hw: tuple[int, int],
         boxes: np.ndarray | None,
         score_threshold: float | None,
         max_instances: int | None,
     ) -> list[Instance]:
-        """Network outputs of one image -> instances in its original pixels."""
-        det_boxes = scale_boxes(out.boxes.float(), out.input_hw, output_hw)
+        """One image's encoding (+ the prompt part for its boxes) -> instances in its original pixels."""
+        output_hw = (int(output_hw[0]), int(output_hw[1]))
         if boxes is not None:
-            pm = box_prompted_masks(
-                torch.from_numpy(boxes),
-                det_boxes,
-                out.labels,
-                out.det_scores,
-                out.scores,
-                out.mask_probs,
-                out.prompt_labels,
-                out.prompt_det_scores,
-                out.prompt_mask_probs,
-                out.input_hw,
-                output_hw,
-                self.mask_threshold,
-                self.mask_stride,
-            )
+            in_hw = enc.input_hw
+            scale = np.array([in_hw[1] / output_hw[1], in_hw[0] / output_hw[0]] * 2, dtype=np.float32)
+            prompt = self._prompt(enc, torch.from_numpy(boxes * scale)) if len(boxes) else _no_prompt(enc)
+            pm = box_prompted_masks(torch.from_numpy(boxes), enc, prompt, output_hw, self.mask_threshold, self.mask_stride)
             masks = pm.masks.cpu().numpy()
             labels, det, scores = pm.labels.tolist(), pm.det_scores.tolist(), pm.mask_scores.tolist()
             return [
                 self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k]) for k in range(boxes.shape[0])
             ]
 
-        order = torch.argsort(out.scores.float(), descending=True, stable=True)
+        det_boxes = scale_boxes(enc.boxes.float(), enc.input_hw, output_hw)
+        order = torch.argsort(enc.scores.float(), descending=True, stable=True)
         if score_threshold is not None:
-            order = order[out.scores[order].float() >= float(score_threshold)]
+            order = order[enc.scores[order].float() >= float(score_threshold)]
         b = det_boxes[order]
         order = order[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
         if max_instances is not None:
@@ -310,16 +295,28 @@ class Predictor(ABC):
         h, w = output_hw
         masks = np.zeros((len(order), h, w), dtype=bool)
         for sl in chunk_slices(len(order), h * w):
-            probs = paste_masks(out.mask_probs[order[sl]].float(), out.input_hw, output_hw, self.mask_stride)
+            probs = paste_masks(enc.mask_probs[order[sl]].float(), enc.input_hw, output_hw, self.mask_stride)
             masks[sl] = (probs > self.mask_threshold).cpu().numpy()
         boxes_np = det_boxes[order].cpu().numpy()
-        labels, det, scores = out.labels[order].tolist(), out.det_scores[order].tolist(), out.scores[order].tolist()
+        labels, det, scores = enc.labels[order].tolist(), enc.det_scores[order].tolist(), enc.scores[order].tolist()
         return [self._instance(boxes_np[k], labels[k], det[k], scores[k], masks[k], SOURCE_DETECTION) for k in range(len(order))]
 
     def _instance(self, box, label: int, det: float, score: float, mask: np.ndarray, source: str) -> Instance:
         label = int(label)
         name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
         return Instance(np.asarray(box, dtype=np.float32).copy(), label, name, float(det), float(score), mask, source)
+
+
+def _check_image(image, index: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image {index} must be an (H, W, 3) uint8 RGB array; got {image.dtype} {list(image.shape)}")
+    return image
+
+
+def _no_prompt(enc: ImageEncoding) -> PromptOutput:
+    dev = enc.mask_probs.device
+    return PromptOutput(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev), torch.zeros(0, *enc.mask_probs.shape[-2:], device=dev))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,193 +327,163 @@ class PyTorchPredictor(Predictor):
 
     runtime = "pytorch"
 
-    def __init__(self, path: str | Path, device: str = "cpu", branch: str | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", branch: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         from training.checkpoint import load_model
 
         model, cfg = load_model(path, branch=branch, device=device)
         self.model = model
         self.cfg = cfg
-        inp = cfg.input
         names = cfg.class_names or [f"class_{i}" for i in range(cfg.model.num_classes)]
         super().__init__(
             name=Path(path).stem,
             version=file_version(path),
             class_names=names,
-            input_spec=InputSpec(
-                inp.min_size_test,
-                inp.max_size_test,
-                tuple(inp.pixel_mean),
-                tuple(inp.pixel_std),
-                inp.format,
-                inp.size_divisibility,
-            ),
+            input_spec=InputSpec.from_config(cfg.input),
             mask_threshold=cfg.model.mask.threshold,
             mask_stride=cfg.model.mask.out_stride,
             device=str(device),
             path=path,
+            cache_bytes=cache_bytes,
         )
 
     @torch.inference_mode()
-    def _infer(self, images: list[Tensor], prompts: list[Tensor | None]) -> list[NetworkOutput]:
-        from training.model.fcos import prompt_detections
+    def _encode(self, images: list[Tensor]) -> list[ImageEncoding]:
+        from training.model.fcos import prompt_cells
 
         div = self.input_spec.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             key = (-(-im.shape[-2] // div) * div, -(-im.shape[-1] // div) * div)
             groups.setdefault(key, []).append(i)
-        outputs: list[NetworkOutput | None] = [None] * len(images)
+        outputs: list[ImageEncoding | None] = [None] * len(images)
         dev = self.model.device
         for index in groups.values():
             batch, sizes = self._normalize([images[i].to(dev) for i in index])
             head, feats = self.model(batch)
-            detections = self.model.detect(head, feats, sizes)
-            hp, wp = feats.shape[-2] * 2, feats.shape[-1] * 2  # stride 8 -> stride 4
-            for b, i in enumerate(index):
-                d = detections[b]
-                p = prompts[i]
-                if p is None or p.shape[0] == 0:
-                    pl, ps = torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev)
-                    pp = torch.zeros(0, hp, wp, device=dev)
-                else:
-                    pd = prompt_detections(head, p.to(dev), b, self.cfg.model.fcos)
-                    image_index = torch.full_like(pd.labels, b)
-                    pp = self.model.mask_logits(feats, pd.params, pd.locations, pd.levels, image_index).sigmoid()[:, 0]
-                    pl, ps = pd.labels, pd.det_scores
-                outputs[i] = NetworkOutput(
-                    d.dets.boxes, d.dets.labels, d.dets.det_scores, d.scores, d.mask_probs, pl, ps, pp, d.input_hw
-                )
+            for b, (i, d) in enumerate(zip(index, self.model.detect(head, feats, sizes))):
+                cells = prompt_cells(head, b)
+                features = {
+                    "cell_scores": cells.scores,
+                    "cell_classes": cells.classes,
+                    "cell_params": cells.params,
+                    "mask_feats": feats[b : b + 1].clone() if len(index) > 1 else feats,
+                }
+                outputs[i] = ImageEncoding(d.dets.boxes, d.dets.labels, d.dets.det_scores, d.scores, d.mask_probs, d.input_hw, features)
         return outputs  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _prompt(self, encoding: ImageEncoding, boxes: Tensor) -> PromptOutput:
+        from training.model.fcos import PromptCells
+
+        f = encoding.features
+        cells = PromptCells(f["cell_scores"], f["cell_classes"], f["cell_params"])
+        return PromptOutput(*self.model.prompt(cells, f["mask_feats"], boxes.to(self.model.device)))
 
 
 # ---------------------------------------------------------------------------------------------
-def _metadata_spec(meta: dict[str, Any]) -> InputSpec:
-    """InputSpec from exported-model metadata (ONNX metadata_props or the engine sidecar)."""
-
-    def pick(*keys, default=None):
-        for k in keys:
-            if k in meta and meta[k] is not None:
-                return meta[k]
-        return default
-
-    fixed = pick("fixed_input_hw", "input_hw", "input_size")
-    dynamic = pick("dynamic", default=True)
-    if isinstance(dynamic, str):
-        dynamic = dynamic.lower() in ("1", "true", "yes")
-    fixed_hw = tuple(int(v) for v in fixed) if (fixed and not dynamic and len(fixed) == 2) else None
-    return InputSpec(
-        int(pick("min_size_test", "min_size", default=800)),
-        int(pick("max_size_test", "max_size", default=1333)),
-        tuple(float(v) for v in pick("pixel_mean", default=[123.675, 116.28, 103.53])),
-        tuple(float(v) for v in pick("pixel_std", default=[58.395, 57.12, 57.375])),
-        str(pick("format", "channel_format", default="RGB")),
-        int(pick("size_divisibility", default=32)),
-        fixed_hw,
-    )
-
-
 class _ExportedPredictor(Predictor):
-    """Shared by ONNX Runtime and TensorRT: one image per run of the exported graph
-    (images (1,3,H,W) float32 normalised and padded, image_size int64 (2,), prompt
-    boxes float32 (P,4) in input pixels; fixed-K outputs with -1 labels as padding)."""
+    """Shared by ONNX Runtime and TensorRT: an export's two graphs (``model``: an
+    :class:`export.onnx_runtime.OnnxModel` or :class:`export.tensorrt_runtime.TensorRTModel`),
+    one image per encoder run (images (1,3,H,W) float32 normalised and padded, image_size
+    int64 (2,); fixed-K outputs with -1 labels as padding), the prompt graph on the cached
+    encoder features."""
 
-    DUMMY_PROMPT = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
-
-    def __init__(self, runner, meta: dict[str, Any], path: str | Path, device: str):
-        self.runner = runner
+    def __init__(self, model, path: str | Path, device: str, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.exported = model
+        meta = model.metadata
         self.metadata = meta
-        names = list(meta.get("class_names") or [])
         super().__init__(
-            name=str(meta.get("name") or Path(path).stem),
-            version=str(meta.get("version") or meta.get("model_version") or file_version(path)),
-            class_names=names,
-            input_spec=_metadata_spec(meta),
-            mask_threshold=float(meta.get("mask_threshold", 0.5)),
-            mask_stride=int(meta.get("mask_stride", 4)),
+            name=Path(path).stem,
+            version=meta.model_version or file_version(path),
+            class_names=list(meta.class_names),
+            input_spec=meta.input_spec(),
+            mask_threshold=float(meta.mask_threshold),
+            mask_stride=int(meta.mask_stride),
             device=device,
             path=path,
+            cache_bytes=cache_bytes,
         )
 
-    def _infer(self, images: list[Tensor], prompts: list[Tensor | None]) -> list[NetworkOutput]:
+    def _encode(self, images: list[Tensor]) -> list[ImageEncoding]:
+        from export.metadata import IMAGE_FEATURES
+
         outputs = []
-        for image, prompt in zip(images, prompts):
+        for image in images:
             batch, sizes = self._normalize([image])
-            has_prompt = prompt is not None and prompt.shape[0] > 0
-            boxes = prompt.float().contiguous() if has_prompt else torch.from_numpy(self.DUMMY_PROMPT)
-            raw = self._run(batch, sizes[0], boxes)
-            outputs.append(self._network_output(raw, sizes[0], has_prompt))
+            raw = self.exported.encode(self._feed(batch), np.asarray(sizes[0], dtype=np.int64))
+            labels = _tensor(raw["labels"]).reshape(-1)
+            count = int(_tensor(raw["num_detections"]).reshape(-1)[0])
+            keep = torch.nonzero(labels[:count] >= 0).reshape(-1).to(labels.device)
+            features = {k: raw[k] for k in IMAGE_FEATURES}  # as the runtime returned them: fed back unchanged
+            outputs.append(
+                ImageEncoding(
+                    _tensor(raw["boxes"])[keep].float(), labels[keep].long(), _tensor(raw["det_scores"])[keep].float(),
+                    _tensor(raw["scores"])[keep].float(), _tensor(raw["masks"])[keep].float(), sizes[0], features,
+                )
+            )  # fmt: skip
         return outputs
 
-    def _run(self, batch: Tensor, input_hw: tuple[int, int], boxes: Tensor) -> dict[str, Tensor]:
-        """One run of the graph -> {output name: tensor} (numpy outputs become CPU tensors)."""
-        raw = self.runner.run(batch.numpy(), np.asarray(input_hw, dtype=np.int64), boxes.numpy())
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
+    def _prompt(self, encoding: ImageEncoding, boxes: Tensor) -> PromptOutput:
+        raw = self.exported.prompt(encoding.features, self._feed(boxes.float().contiguous()))
+        return PromptOutput(_tensor(raw["prompt_labels"]).long(), _tensor(raw["prompt_det_scores"]).float(), _tensor(raw["prompt_masks"]).float())
 
-    @staticmethod
-    def _network_output(raw: dict[str, Tensor], input_hw: tuple[int, int], has_prompt: bool) -> NetworkOutput:
-        labels = raw["labels"].reshape(-1)
-        count = int(raw["num_detections"].reshape(-1)[0]) if "num_detections" in raw else labels.shape[0]
-        keep = torch.nonzero(labels[:count] >= 0).reshape(-1).to(labels.device)
-        masks = raw["masks"][keep].float()
-        if has_prompt:
-            pl, ps, pp = raw["prompt_labels"].long(), raw["prompt_det_scores"].float(), raw["prompt_masks"].float()
-        else:
-            pl = torch.zeros(0, dtype=torch.int64, device=masks.device)
-            ps = torch.zeros(0, device=masks.device)
-            pp = torch.zeros(0, *masks.shape[-2:], device=masks.device)
-        return NetworkOutput(
-            raw["boxes"][keep].float(), labels[keep].long(), raw["det_scores"][keep].float(), raw["scores"][keep].float(),
-            masks, pl, ps, pp, input_hw,
-        )  # fmt: skip
+    def _feed(self, t: Tensor):
+        """What the runtime takes: numpy for ONNX Runtime (TensorRT takes the tensor)."""
+        return t.numpy()
+
+def _tensor(value) -> Tensor:
+    """A runtime output as a tensor (numpy arrays are wrapped without copying)."""
+    return value if isinstance(value, Tensor) else torch.from_numpy(np.ascontiguousarray(value))
 
 
 class OnnxPredictor(_ExportedPredictor):
-    """ONNX Runtime on an exported model (CPU; CUDA / TensorRT execution providers
-    when onnxruntime-gpu provides them and ``device`` is cuda)."""
+    """ONNX Runtime on an export (``model.onnx`` + ``model.prompt.onnx``; CPU; CUDA / TensorRT
+    execution providers when onnxruntime-gpu provides them and ``device`` is cuda)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
-        from export.onnx_runtime import OnnxRunner, read_onnx_metadata
+    def __init__(self, path: str | Path, device: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES):
+        from export.onnx_runtime import OnnxModel
 
-        super().__init__(OnnxRunner(str(path), device), read_onnx_metadata(str(path)), path, device)
+        super().__init__(OnnxModel(path, device), path, device, cache_bytes)
 
 
 class TensorRTPredictor(_ExportedPredictor):
-    """A TensorRT plan plus its JSON sidecar (``model.engine.json``); needs a CUDA GPU."""
+    """TensorRT plans (``model.engine`` + ``model.prompt.engine``) and the JSON sidecar
+    ``model.engine.json``; needs a CUDA GPU. Outputs stay on the GPU: masks are pasted there."""
 
     runtime = "tensorrt"
 
-    def __init__(self, path: str | Path, device: str = "cuda"):
-        from export.tensorrt_runtime import TensorRTRunner, read_engine_metadata
+    def __init__(self, path: str | Path, device: str = "cuda", cache_bytes: int = DEFAULT_CACHE_BYTES):
+        from export.tensorrt_runtime import TensorRTModel
 
-        meta = read_engine_metadata(path)
-        super().__init__(TensorRTRunner(str(path), device), meta, path, device)
+        super().__init__(TensorRTModel(path, device), path, device, cache_bytes)
 
-    def _run(self, batch: Tensor, input_hw: tuple[int, int], boxes: Tensor) -> dict[str, Tensor]:
-        # outputs stay on the GPU: masks are pasted there
-        return self.runner.run_torch(batch, torch.tensor(input_hw, dtype=torch.int64), boxes)
+    def _feed(self, t: Tensor):
+        return t
 
 
-def load_predictor(path: str | Path, device: str = "cpu", branch: str | None = None) -> Predictor:
+def load_predictor(path: str | Path, device: str = "cpu", branch: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Predictor:
     """The predictor for a model file, by its suffix.
 
     .pth / .pt: a boxteacher checkpoint, eager PyTorch (``branch``: teacher by default
-    when the checkpoint has one, else student); .onnx: ONNX Runtime; .engine / .plan:
-    TensorRT (with the ``<file>.json`` sidecar). ``device``: "cpu", "cuda" or "cuda:N".
+    when the checkpoint has one, else student); .onnx: ONNX Runtime (with the prompt
+    graph ``<name>.prompt.onnx``); .engine / .plan: TensorRT (with the prompt plan and the
+    ``<file>.json`` sidecar). ``device``: "cpu", "cuda" or "cuda:N". ``cache_bytes``: size
+    of the encoding cache (0: off).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
-        return PyTorchPredictor(path, device, branch)
+        return PyTorchPredictor(path, device, branch, cache_bytes)
     if branch is not None:
         raise ValueError(f"--branch applies to checkpoints only; {path.name} is an exported model")
     if suffix in ONNX_SUFFIXES:
-        return OnnxPredictor(path, device)
+        return OnnxPredictor(path, device, cache_bytes)
     if suffix in ENGINE_SUFFIXES:
-        return TensorRTPredictor(path, "cuda" if device == "cpu" else device)
+        return TensorRTPredictor(path, "cuda" if device == "cpu" else device, cache_bytes)
     raise ValueError(
         f"unknown model file type {suffix!r} ({path.name}); use a checkpoint (.pth/.pt), "
         "an ONNX model (.onnx) or a TensorRT engine (.engine/.plan)"

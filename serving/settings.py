@@ -40,6 +40,10 @@ class ServeSettings(BaseSettings):
 
     codec_threads: int | None = Field(None, ge=1)  # threads decoding images / encoding masks (None: CPU count)
 
+    # --- encode once, prompt many ---------------------------------------------------------------
+    cache_mb: float = Field(512.0, ge=0)  # image encodings kept (LRU by bytes), keyed by model version + pixel hash; 0: off
+    known_uploads: int = Field(4096, ge=0)  # upload hashes remembered, so a repeated upload is not decoded again
+
     # --- defaults of a request ---------------------------------------------------------------
     score_threshold: float = Field(0.3, ge=0, le=1)  # minimum mask-aware score
     max_instances: int = Field(100, ge=1)  # instances per image, best first

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
+from training.checkpoint import conditioned_model, write_random_checkpoint  # noqa: F401 - conditioned_model: re-exported for tests
 from training.config import Config, load_config
-from training.model.condinst import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BOXTEACHER_SHARED", REPO.parent / "shared"))
@@ -27,26 +26,9 @@ def tiny_config(num_classes: int = 3, overrides: list[str] | None = None) -> Con
     return load_config(REPO / "configs" / "synthetic-tiny.yaml", [f"model.num_classes={num_classes}", f"class_names={names}"] + list(overrides or []))
 
 
-def conditioned_model(cfg: Config, seed: int = 0):
-    """A random tiny model whose biases are set so it predicts many non-trivial
-    instances (like the authors' fixture): plain init predicts nothing above 0.05."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        model.head.cls_logits.bias.copy_(torch.randn(cfg.model.num_classes, generator=g) * 0.3 - 1.0)
-        model.head.bbox_pred.bias.copy_(1.0 + torch.randn(4, generator=g) * 0.1)
-        model.head.ctrness.weight.normal_(0, 0.05, generator=g)
-        model.head.controller.weight.normal_(0, 0.02, generator=g)
-        model.head.controller.bias.normal_(0, 0.05, generator=g)
-    return model.eval()
-
-
 def write_checkpoint(path: Path, cfg: Config, seed: int = 0, with_teacher: bool = True) -> Path:
-    model = conditioned_model(cfg, seed)
-    state = model.state_dict()
-    teacher = conditioned_model(cfg, seed + 100).state_dict() if with_teacher else None
-    return save_checkpoint(path, {"config": cfg.model_dump(), "student": state, "teacher": teacher, "iteration": 0})
+    """A conditioned random checkpoint (training.checkpoint.write_random_checkpoint)."""
+    return write_random_checkpoint(path, cfg, seed, with_teacher)
 
 
 @pytest.fixture(scope="session")

@@ -49,9 +49,10 @@ class FakePredictor:
         self.name, self.version, self.class_names = "fake", version, list(class_names)
         self.calls: list[tuple[int, list]] = []
 
-    def predict(self, images, boxes=None, score_threshold=None, max_instances=None):
+    def predict(self, images, boxes=None, score_threshold=None, max_instances=None, use_cache=True):
         boxes = boxes if boxes is not None else [None] * len(images)
         self.calls.append((len(images), [None if b is None else len(b) for b in boxes]))
+        self.cached = getattr(self, "cached", []) + [use_cache]
         out = []
         for image, b in zip(images, boxes):
             h, w = image.shape[:2]
@@ -335,6 +336,30 @@ def test_a_task_whose_image_fails_gets_an_empty_prediction(config, caplog):
     assert "task 2: empty prediction" in caplog.text and "no 'image'" in caplog.text
 
 
+def test_interactive_failures_are_http_errors_naming_the_reason(config):
+    """Batch mode keeps empty predictions for failed tasks; an interactive request answers
+    424 (image cannot be fetched) or 422 (rectangle outside the image) with the reason."""
+    tp = make_predictor(label_studio_url="http://127.0.0.1:9")  # nothing listens on port 9
+    missing = {"id": 8, "data": {"image": "/data/upload/1/missing.png"}}
+    preds, outcomes = tp.predict([missing], config, {"result": [rect(10, 10, 20, 20)]})
+    assert outcomes[0].mode == "failed" and outcomes[0].status == 424 and "missing.png" in outcomes[0].error
+    outside = {"id": 9, "data": {"image": data_url(100, 50)}}
+    preds, outcomes = tp.predict([outside], config, {"result": [rect(150, 150, 10, 10, rid="r7")]})
+    assert outcomes[0].status == 422 and "rectangle r7" in outcomes[0].error and "outside the 100x50 image" in outcomes[0].error
+    assert preds[0]["result"] == []
+    _, outcomes = tp.predict([outside], config)  # batch: nothing to segment, not an error
+    assert outcomes[0].error is None and outcomes[0].status is None
+
+
+def test_interactive_requests_use_the_encoding_cache_batch_requests_do_not(config):
+    fake = FakePredictor()
+    tp = make_predictor(fake)
+    task = {"id": 1, "data": {"image": data_url()}, "annotations": [{"result": [rect(0, 0, 10, 10)]}]}
+    tp.predict([task], config, {"result": [rect(10, 20, 30, 40)]})
+    tp.predict([task, task], config)
+    assert fake.cached == [True, False]
+
+
 def test_a_bad_box_fails_only_its_task(config):
     class Picky(FakePredictor):
         def predict(self, images, boxes=None, **kw):
@@ -520,8 +545,13 @@ def test_routes_in_label_studio_shapes(client):
     assert r.status_code == 200 and r.json()["results"] == [{"result": [], "score": 0.0, "model_version": "fake-v0-abcdef01"}]
     bad = client.post("/predict", json={"tasks": [], "label_config": "<View/>", "params": {}}, auth=AUTH)
     assert bad.status_code == 400 and "Image" in bad.json()["detail"]
+    # an interactive request whose image cannot be had: an HTTP error with the reason, not an empty 200
+    body = {"tasks": [{"id": 5, "data": {"image": "file:///etc/passwd"}}], "label_config": XML, "params": {"context": {"result": [rect(0, 0, 5, 5)]}}}
+    r = client.post("/predict", json=body, auth=AUTH)
+    assert r.status_code == 424 and r.json()["errors"] == [r.json()["detail"]] and "task 5:" in r.json()["detail"]
     m = client.get("/metrics", auth=AUTH).json()
-    assert m["predict_requests"] == {"interactive": 1, "batch": 1} and m["tasks"]["failed"] == 1
+    assert m["predict_requests"] == {"interactive": 2, "batch": 1} and m["tasks"]["failed"] == 2
+    assert m["encoding_cache"] is None  # the fake predictor has no cache
 
 
 def test_webhook_answers_fast(client):

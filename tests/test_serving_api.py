@@ -136,6 +136,38 @@ def test_rle_masks_match_the_predictor(client, predictor):
         assert r.headers["x-batch-size"] == "1"
 
 
+def _metric(text: str, name: str, **labels) -> float:
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{re.escape(name)}{re.escape('{' + sel + '}') if sel else ''}\s+([0-9.eE+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_next_boxes_on_the_same_image_hit_the_cache(small_checkpoint):
+    """The annotator's loop over HTTP: the first request encodes the image, later ones with new
+    boxes (the same upload, or the same pixels in another file format) only run the prompt part;
+    answers equal the uncached predictor's; /metrics counts hits, misses, bytes and skipped decodes."""
+    p = load_predictor(small_checkpoint)
+    im = synthetic_image(21)
+    boxes = [[5, 5, 50, 60], [40, 30, 90, 90]]
+    want = p.predict([im], boxes=[np.asarray(boxes, np.float32)], use_cache=False)[0]
+    with LocalServer(create_app(make_settings(), predictor=p)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        first = segment(c, im, boxes[:1])
+        second = segment(c, im, boxes)  # the same PNG bytes: no decode, no hashing, no encoder run
+        third = c.post("/v1/segment", files={"image": ("img.bmp", encode(im, "BMP"), "image/bmp")}, data={"boxes": json.dumps(boxes)})
+        assert [r.headers["x-cache"] for r in (first, second, third)] == ["miss", "hit", "hit"]
+        for r in (second, third):
+            got = r.json()["instances"]
+            assert [i["source"] for i in got] == [i.source for i in want]
+            for g, w in zip(got, want):
+                assert g["mask_score"] == w.mask_score and np.array_equal(decode_rle(g["mask"]), w.mask)
+        text = c.get("/metrics").text
+    assert _metric(text, "boxteacher_encoding_cache_misses_total") == 1 and _metric(text, "boxteacher_encoding_cache_hits_total") == 2
+    assert _metric(text, "boxteacher_encoding_cache_entries") == 1 and _metric(text, "boxteacher_encoding_cache_bytes") > 0
+    assert _metric(text, "boxteacher_encoding_cache_evictions_total") == 0
+    assert _metric(text, "boxteacher_image_decodes_total", result="skipped") == 1
+    assert _metric(text, "boxteacher_image_decodes_total", result="decoded") == 2  # the PNG once, the BMP (other bytes) once
+
+
 def test_threshold_and_max_instances(client):
     image = synthetic_image(3)
     everything = segment(client, image, score_threshold=0.0).json()["instances"]

@@ -112,40 +112,74 @@ def test_api_over_onnx(predictors):
         assert [i["box"] for i in body["instances"]] == [[float(v) for v in b] for b in boxes]
 
 
-class _TorchOutputsRunner:
-    """Stands in for TensorRTRunner (no TensorRT here): ``run_torch`` over ONNX Runtime."""
+class _TorchOutputsModel:
+    """Stands in for TensorRTModel (no TensorRT here): ``encode`` / ``prompt`` over ONNX
+    Runtime, taking and returning torch tensors as the TensorRT plans do."""
 
-    def __init__(self, onnx_runner):
-        self.onnx_runner = onnx_runner
+    def __init__(self, onnx_model):
+        self.onnx_model = onnx_model
+        self.metadata = onnx_model.metadata
 
-    def run_torch(self, images_padded, image_size, prompt_boxes=None):
+    def encode(self, images_padded, image_size):
         import torch
 
-        raw = self.onnx_runner.run(images_padded.numpy(), image_size.numpy(), None if prompt_boxes is None else prompt_boxes.numpy())
+        raw = self.onnx_model.encode(images_padded.numpy(), np.asarray(image_size))
+        return {k: torch.from_numpy(v) for k, v in raw.items()}
+
+    def prompt(self, features, prompt_boxes):
+        import torch
+
+        raw = self.onnx_model.prompt({k: v.numpy() for k, v in features.items()}, prompt_boxes.numpy())
         return {k: torch.from_numpy(v) for k, v in raw.items()}
 
 
 def test_tensorrt_predictor_path_with_a_stand_in_runner(models, predictors):
-    """Everything of the TensorRT predictor but the engine: torch outputs from run_torch,
-    the sidecar metadata, the shared post-processing."""
-    from export.onnx_runtime import read_onnx_metadata
+    """Everything of the TensorRT predictor but the engines: torch tensors in and out of both
+    graphs, the metadata, the shared post-processing, the cache."""
     from serving.runtime import TensorRTPredictor, _ExportedPredictor
 
     _, onnx_path = models
     _, onnx_p = predictors
     trt_p = TensorRTPredictor.__new__(TensorRTPredictor)
-    _ExportedPredictor.__init__(trt_p, _TorchOutputsRunner(onnx_p.runner), read_onnx_metadata(onnx_path), onnx_path, "cpu")
+    _ExportedPredictor.__init__(trt_p, _TorchOutputsModel(onnx_p.exported), onnx_path, "cpu")
     assert trt_p.runtime == "tensorrt" and trt_p.input_size == onnx_p.input_size
     im = landscape(9)
     boxes = np.array([[5, 5, 60, 60], [80, 20, 140, 90]], dtype=np.float32)
-    for kwargs in ({"score_threshold": 0.0}, {"boxes": [boxes]}):
-        a, b = onnx_p.predict([im], **kwargs)[0], trt_p.predict([im], **kwargs)[0]
+    for kwargs in ({"score_threshold": 0.0}, {"boxes": [boxes]}, {"boxes": [boxes]}):  # the second box request hits the cache
+        a, b = onnx_p.predict([im], use_cache=False, **kwargs)[0], trt_p.predict([im], **kwargs)[0]
         assert len(a) == len(b) > 0
         assert all(np.array_equal(x.mask, y.mask) and x.mask_score == y.mask_score for x, y in zip(a, b))
+    assert trt_p.cache.stats()["hits"] == 2
+
+
+def test_onnx_cached_answers_equal_uncached(models):
+    """Encode once, prompt many: the cached path gives the very same masks, scores, labels
+    and sources as the uncached one (exact equality: same graphs on the same arrays)."""
+    from serving.runtime import load_predictor
+
+    _, onnx_path = models
+    p = load_predictor(onnx_path)
+    im = landscape(4)
+    auto = p.predict([im], score_threshold=0.0, use_cache=False)[0]
+    boxes = np.array([[5, 5, 60, 60], auto[0].box, [80, 20, 140, 90]], dtype=np.float32)
+    uncached = p.predict([im], boxes=[boxes], use_cache=False)[0]
+    assert p.cache.stats()["entries"] == 0
+    first = p.predict([im], boxes=[boxes[:1]])[0]  # encodes and caches
+    again = p.predict([im], boxes=[boxes])[0]  # prompt graph only
+    cached_auto = p.predict([im], score_threshold=0.0)[0]
+    assert p.cache.stats() | {"bytes": 0} == {"entries": 1, "bytes": 0, "max_bytes": p.cache.max_bytes, "hits": 2, "misses": 1, "evictions": 0}
+    for want, got in ((uncached, again), (uncached[:1], first), (auto, cached_auto)):
+        assert len(want) == len(got) > 0
+        for x, y in zip(want, got):
+            assert (x.label, x.det_score, x.mask_score, x.source) == (y.label, y.det_score, y.mask_score, y.source)
+            assert np.array_equal(x.box, y.box) and np.array_equal(x.mask, y.mask)
+    assert [i.source for i in again][1] == "matched"
+    p.close()
+    assert p.cache.stats()["entries"] == 0
 
 
 def test_engine_without_tensorrt_says_so(tmp_path, models):
-    from export.onnx_runtime import read_onnx_metadata
+    from export.metadata import read_onnx_metadata
     from serving.runtime import load_predictor
 
     try:
@@ -158,6 +192,7 @@ def test_engine_without_tensorrt_says_so(tmp_path, models):
     engine.write_bytes(b"not a plan")
     with pytest.raises(FileNotFoundError, match="sidecar"):
         load_predictor(engine)
-    (tmp_path / "model.engine.json").write_text(json.dumps(read_onnx_metadata(models[1])))
+    (tmp_path / "model.engine.json").write_text(json.dumps(read_onnx_metadata(models[1]).to_dict()))
+    (tmp_path / "model.prompt.engine").write_bytes(b"not a plan either")
     with pytest.raises(Exception, match="(?i)tensorrt"):
         load_predictor(engine)

@@ -19,6 +19,7 @@ from serving.batching import MicroBatcher, QueueFull
 from serving.images import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage, decode_image
 from serving.masks import encode_png, encode_polygon, encode_rle
 from serving.prompting import validate_boxes
+from serving.cache import image_digest
 from serving.runtime import Instance, PyTorchPredictor, load_predictor
 from training.data.synthetic import render_image
 from training.model.boxes import box_pixel_masks
@@ -77,13 +78,54 @@ def test_instances_in_original_pixels_sorted_by_mask_score(predictor):
 
 def test_batched_equals_one_by_one(predictor):
     images = [image(2), image(3, 64, 90), image(4), image(5, 120, 70)]
-    batched = predictor.predict(images)
+    batched = predictor.predict(images, use_cache=False)
     for im, got in zip(images, batched):
-        alone = predictor.predict([im])[0]
+        alone = predictor.predict([im], use_cache=False)[0]
         assert len(alone) == len(got)
         for a, b in zip(alone, got):
             assert a.label == b.label and a.mask_score == pytest.approx(b.mask_score, abs=1e-4)
             assert (a.mask != b.mask).mean() < 1e-3
+
+
+def test_cached_answers_equal_uncached(checkpoint):
+    """Encode once, prompt many (PyTorch): an image's second request runs only the prompt part
+    (or nothing) on the cached encoding, with exactly the uncached answers."""
+    p = load_predictor(checkpoint)
+    im = image(11)
+    auto = p.predict([im], use_cache=False)[0]
+    boxes = np.array([[2, 2, 30, 30], auto[0].box, [60, 60, 94, 94]], dtype=np.float32)
+    uncached = p.predict([im], boxes=[boxes], use_cache=False)[0]
+    assert p.cache.stats()["misses"] == 0 and len(p.cache) == 0
+    p.predict([im], boxes=[boxes[:1]])  # encodes and caches
+    cached = p.predict([im], boxes=[boxes])[0]
+    cached_auto = p.predict([im])[0]
+    stats = p.cache.stats()
+    assert (stats["entries"], stats["hits"], stats["misses"]) == (1, 2, 1) and stats["bytes"] > 0
+    assert [i.source for i in cached][1] == "matched"
+    for want, got in ((uncached, cached), (auto, cached_auto)):
+        assert len(want) == len(got) > 0
+        for x, y in zip(want, got):
+            assert (x.label, x.det_score, x.mask_score, x.source) == (y.label, y.det_score, y.mask_score, y.source)
+            assert np.array_equal(x.box, y.box) and np.array_equal(x.mask, y.mask)
+    # another image is a miss; close() (a hot swap) drops every entry
+    p.predict([image(12)], boxes=[boxes])
+    assert p.cache.stats()["misses"] == 2 and len(p.cache) == 2
+    p.close()
+    assert len(p.cache) == 0 and p.cache.stats()["bytes"] == 0
+
+
+def test_cache_is_bounded_in_bytes_and_keyed_by_version(checkpoint):
+    p = load_predictor(checkpoint)
+    size = p.encode([image(13)])[0].nbytes
+    small = load_predictor(checkpoint, cache_bytes=size * 2 + size // 2)  # room for two encodings
+    for k in (13, 14, 15):
+        small.encode([image(k)])
+    stats = small.cache.stats()
+    assert (stats["entries"], stats["evictions"]) == (2, 1) and stats["bytes"] <= stats["max_bytes"]
+    small.encode([image(13)])  # the least recently used one was dropped: a miss
+    assert small.cache.stats()["misses"] == 4
+    assert load_predictor(checkpoint, cache_bytes=0).encode([image(13)])[0].nbytes == size  # 0 = off, still answers
+    assert list(p.cache._items) == [(p.version, image_digest(image(13)))]  # the key: (model version, content hash)
 
 
 def test_threshold_and_max_instances_per_image(predictor):
@@ -249,3 +291,32 @@ def test_micro_batcher_batches_isolates_failures_and_bounds_the_queue():
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_crop_rle_equals_pycocotools_on_the_full_mask():
+    """serving.masks.encode_rle works on the mask's bounding crop; the counts must be byte for
+    byte pycocotools' (edge cases: empty, full, touching every border, runs that continue
+    from the bottom of one column to the top of the next, one pixel)."""
+    from serving.masks import encode_rle
+
+    def reference(m):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+    cases = [np.zeros((4, 3), bool), np.ones((4, 3), bool)]
+    wrap = np.zeros((4, 3), bool)
+    wrap[2:, 0] = wrap[:2, 1] = True  # one run in column-major order across the column break
+    one = np.zeros((5, 7), bool)
+    one[4, 6] = True
+    cases += [wrap, one]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        h, w = rng.integers(1, 40, size=2)
+        m = np.zeros((h, w), bool)
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        m[y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] = True
+        m &= rng.random((h, w)) > 0.3  # holes: several runs per column
+        cases.append(m)
+    for m in cases:
+        assert encode_rle(m) == reference(m), m.astype(int)
+    assert encode_rle(np.array([[0, 2], [0, 0]], np.uint8)) == reference(np.array([[0, 1], [0, 0]], bool))  # nonzero = inside

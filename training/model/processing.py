@@ -5,10 +5,15 @@ these functions, so they agree to the pixel:
 - :func:`resized_size` / :func:`resize_image`: shortest-edge resize with a long-side cap;
 - :func:`normalize_and_pad`: channel order, (x - mean) / std, zero-pad to a multiple of 32;
 - :func:`paste_masks`: stride-4 probabilities -> the original image size;
-- :func:`scale_boxes`: boxes from the resized input back to the original image.
+- :func:`scale_boxes`: boxes from the resized input back to the original image;
+- :class:`InputSpec`, :func:`resize_to_spec`, :func:`batch_to_spec`: the same rules for a
+  model known only by its input description (an exported graph's metadata, a checkpoint's
+  config), as serving and the export parity check feed it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +115,38 @@ def pad_to_canvas(batch: Tensor, fixed_hw: tuple[int, int] | None) -> Tensor:
     h, w = min(batch.shape[2], fixed_hw[0]), min(batch.shape[3], fixed_hw[1])
     canvas[:, :, :h, :w] = batch[:, :, :h, :w]
     return canvas
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images are fed to a network: shortest side -> ``min_size``, long side <=
+    ``max_size``, channels in ``channel_format``, (x - mean) / std, padded to a multiple of
+    ``size_divisibility``; ``fixed_hw`` (H, W) when an exported graph has a fixed size."""
+
+    min_size: int
+    max_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    channel_format: str = "RGB"
+    size_divisibility: int = 32
+    fixed_hw: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(cls, inp) -> "InputSpec":
+        """From a :class:`training.config.InputConfig` (test scale, no fixed canvas)."""
+        return cls(
+            inp.min_size_test, inp.max_size_test, tuple(inp.pixel_mean), tuple(inp.pixel_std), inp.format, inp.size_divisibility
+        )
+
+
+def resize_to_spec(image: Tensor, spec: InputSpec) -> Tensor:
+    """(3, H, W) uint8 -> the network's input size: test-scale resize, fitted into a fixed canvas."""
+    long_cap = fit_long_side(int(image.shape[-2]), int(image.shape[-1]), spec.max_size, spec.fixed_hw)
+    return resize_image(image, spec.min_size, long_cap)
+
+
+def batch_to_spec(images: list[Tensor], spec: InputSpec) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Resized (3, h, w) images -> the (B, 3, Hp, Wp) float32 batch (normalised, padded, on the
+    fixed canvas if any) and their un-padded sizes."""
+    batch, sizes = normalize_and_pad(images, list(spec.pixel_mean), list(spec.pixel_std), spec.channel_format, spec.size_divisibility)
+    return pad_to_canvas(batch, spec.fixed_hw), sizes
