@@ -113,7 +113,7 @@ def test_collapse_symptoms(record, symptom):
     assert (symptom in " ".join(found)) if symptom else found == []
 
 
-@pytest.mark.parametrize("scales, detector_moves", [((1.0, 1.0), True), ((0.0, 0.0), False)])
+@pytest.mark.parametrize("scales, detector_moves", [((1.0, 1.0), True), ((0.0, 0.0), False), (("null", "null"), False)])
 def test_mask_losses_reach_the_detector_only_through_the_grad_scales(scales, detector_moves):
     """With both scales at 0 the mask losses train the controller and the mask branch
     but send no gradient into the backbone, FPN or FCOS towers."""
@@ -182,3 +182,15 @@ def test_a_dead_box_side_recovers_only_with_the_straight_through_relu(straight, 
     with torch.no_grad():  # inference is a plain ReLU either way
         head, _ = model(batch.images)
     assert all(float(r[:, 0].max()) == 0.0 for r in head.bbox_reg)
+
+
+def test_auto_defaults_decouple_box_supervision_only():
+    """None / "auto": the authors' coupling with mask supervision, the decoupled mask path
+    with box supervision; explicit values win."""
+    from training.config import load_config
+
+    condinst, boxinst = load_config(None, ["method=condinst"]), load_config(None, ["method=boxinst"])
+    assert condinst.mask_grad_scales == (1.0, 1.0) and condinst.clip_mode == "global"
+    assert boxinst.mask_grad_scales == (0.0, 0.0) and boxinst.clip_mode == "per_group"
+    pinned = load_config(None, ["method=boxteacher", "model.mask.controller_grad_scale=0.5", "solver.clip_grad_mode=global"])
+    assert pinned.mask_grad_scales == (0.5, 0.0) and pinned.clip_mode == "global"

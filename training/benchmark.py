@@ -289,6 +289,9 @@ def authors_setting_overrides(name: str) -> list[str]:
         "boxteacher.strong_augmentation=strong", f"boxteacher.teacher_min_size={s['teacher_min_size']}",
         "boxteacher.teacher_max_size=1333", "solver.batch_size=1", "solver.grad_accum_steps=1", "solver.amp=none",
         "data.num_workers=0", "train.checkpoint_period=0", "train.eval_period=0",
+        # the authors' losses and coupling (our defaults add terms for box supervision from scratch)
+        "model.mask.controller_grad_scale=1.0", "model.mask.branch_grad_scale=1.0", "model.fcos.reg_straight_through=false",
+        "boxinst.outside_weight=0", "boxinst.projection_bce_weight=0", "solver.clip_grad_mode=global",
     ]  # fmt: skip
 
 

@@ -49,7 +49,11 @@ class FCOSConfig(_Section):
     # Inference
     score_threshold: float = 0.05  # on cls*ctr (thresh_with_ctr) before NMS
     pre_nms_topk: int = 1000  # per level
-    nms_threshold: float = 0.6  # class-aware
+    nms_threshold: float = 0.6  # IoU above which the lower-scored box is dropped
+    # False: NMS per class (FCOS, the authors): one object may keep a box for each class a weak
+    # model hesitates between. True: one NMS over all classes, so one object keeps one box with
+    # the class of its best-scoring box (what a user reading the output expects).
+    class_agnostic_nms: bool = False
     max_detections: int = 100  # per image after NMS
 
 
@@ -68,10 +72,11 @@ class MaskConfig(_Section):
     max_proposals: int = 500
     # Gradient the mask losses send back into the detector, as a factor at the two places
     # where the mask path meets it: the controller on the box tower, and the mask branch on
-    # P3-P5. 1.0: all of it (CondInst, the authors); 0.0: none (the mask path learns on the
-    # detector's features without moving them). See docs/training.md, "Box supervision from scratch".
-    controller_grad_scale: float = Field(1.0, ge=0.0, le=1.0)
-    branch_grad_scale: float = Field(1.0, ge=0.0, le=1.0)
+    # P3-P5. 1.0: all of it (the authors); 0.0: none (the mask path learns on the detector's
+    # features without moving them). None: 1.0 for condinst, 0.0 for boxinst/boxteacher
+    # (Config.mask_grad_scales; docs/method.md, "Box supervision from scratch").
+    controller_grad_scale: float | None = Field(None, ge=0.0, le=1.0)
+    branch_grad_scale: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class ModelConfig(_Section):
@@ -108,10 +113,10 @@ class BoxInstConfig(_Section):
     bottom_pixels_removed: int = 10  # COCO's bottom rows are badly annotated; 0 elsewhere
     # Weight of the outside-box background term (training.losses.outside_box_loss; not in
     # BoxInst: 0 is the published method).
-    outside_weight: float = Field(0.0, ge=0.0)
+    outside_weight: float = Field(1.0, ge=0.0)
     # Weight of the cross-entropy on the max projections (training.losses.projection_bce_loss;
     # not in BoxInst: 0 is the published method).
-    projection_bce_weight: float = Field(0.0, ge=0.0)
+    projection_bce_weight: float = Field(1.0, ge=0.0)
 
 
 class BoxTeacherConfig(_Section):
@@ -143,8 +148,9 @@ class SolverConfig(_Section):
     warmup_factor: float = 0.001
     clip_grad_norm: float | None = None  # None: no clipping
     # "global": one norm over all parameters; "per_group": the detector and the mask path
-    # clipped apart (training.train.clip_gradients).
-    clip_grad_mode: Literal["global", "per_group"] = "global"
+    # clipped apart (training.train.clip_gradients); "auto": global for condinst, per_group
+    # for boxinst/boxteacher (Config.clip_mode).
+    clip_grad_mode: Literal["auto", "global", "per_group"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"
     grad_accum_steps: int = 1
     # Linear scaling rule: when set, lr and batch scale together from this reference.
@@ -179,6 +185,25 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     class_names: list[str] = []  # filled from the dataset; saved with checkpoints
+
+    @property
+    def box_supervised(self) -> bool:
+        return self.method != "condinst"
+
+    @property
+    def mask_grad_scales(self) -> tuple[float, float]:
+        """(controller, mask branch) gradient scales into the detector, "auto" (None) resolved:
+        1.0 with mask supervision, 0.0 with box supervision."""
+        auto = 0.0 if self.box_supervised else 1.0
+        m = self.model.mask
+        return (auto if m.controller_grad_scale is None else m.controller_grad_scale, auto if m.branch_grad_scale is None else m.branch_grad_scale)
+
+    @property
+    def clip_mode(self) -> str:
+        """``solver.clip_grad_mode`` with "auto" resolved: per_group with box supervision."""
+        if self.solver.clip_grad_mode != "auto":
+            return self.solver.clip_grad_mode
+        return "per_group" if self.box_supervised else "global"
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -234,14 +259,44 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
         raise ConfigError(f"invalid config: {_format_errors(err)}") from None
 
 
+BASE_KEY = "base"
+"""A recipe may name one base recipe (a path relative to its own folder) and override it."""
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def merge_recipes(base: dict, override: dict) -> dict:
+    """``override`` over ``base``: sections (mappings) merge key by key, any other value
+    (numbers, strings, lists) replaces the base's."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge_recipes(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A YAML recipe as a dict, with its ``base:`` recipe merged under it (one level: a base
+    that names a base of its own is an error, so a recipe is readable from two files)."""
+    path = Path(path)
+    data = _read_yaml_mapping(path)
+    base_name = data.pop(BASE_KEY, None)
+    if base_name is None:
+        return data
+    base_path = path.parent / str(base_name)
+    base = _read_yaml_mapping(base_path)
+    if BASE_KEY in base:
+        raise ConfigError(f"{path}: its base {base_path} names a base of its own; recipes allow one level of base")
+    return merge_recipes(base, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = read_recipe(path) if path is not None else {}
     return build_config(data, overrides)

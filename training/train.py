@@ -437,7 +437,7 @@ class Trainer:
         if finite:
             # After DDP's all-reduce the gradients are the same on every rank: so is this decision.
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(clip_gradients(model, cfg.solver.clip_grad_norm, cfg.solver.clip_grad_mode))
+            grad_norm = float(clip_gradients(model, cfg.solver.clip_grad_norm, cfg.clip_mode))
             if self.scaler.is_enabled():
                 # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
                 # (normal while it calibrates; not counted as a non-finite step).

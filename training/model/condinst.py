@@ -65,7 +65,7 @@ class CondInst(nn.Module):
         m = cfg.model
         self.backbone = ResNetFPN(m.backbone, m.fpn_channels)
         num_params = dynamic_param_count(m.mask.out_channels, m.mask.head_channels, m.mask.head_layers)
-        self.head = FCOSHead(m.fpn_channels, m.num_classes, num_params, m.fcos, m.mask.controller_grad_scale)
+        self.head = FCOSHead(m.fpn_channels, m.num_classes, num_params, m.fcos, cfg.mask_grad_scales[0])
         self.mask_branch = MaskBranch(m.fpn_channels, m.mask)
         self.mask_head = DynamicMaskHead(m.mask, m.fcos.sizes_of_interest)
 
@@ -83,7 +83,7 @@ class CondInst(nn.Module):
         """batch (B,3,Hp,Wp) normalised -> (per-level head outputs, mask feats (B,C,Hp/8,Wp/8))."""
         feats = self.backbone(batch)
         head = self.head([feats[f"p{k}"] for k in range(3, 8)])
-        branch_in = [scale_gradient(feats[f"p{k}"], self.cfg.model.mask.branch_grad_scale) for k in (3, 4, 5)]
+        branch_in = [scale_gradient(feats[f"p{k}"], self.cfg.mask_grad_scales[1]) for k in (3, 4, 5)]
         mask_feats = self.mask_branch(*branch_in)
         return head, mask_feats
 
