@@ -39,7 +39,7 @@ def test_paper_recipes(name, depth, classes, batch, lr, max_iter, steps, aug):
     assert cfg.boxteacher.strong_augmentation == aug and cfg.solver.reference_world_size == 8
     # the paper's training (ImageNet weights): the authors' coupling and losses, pinned in the base
     assert cfg.mask_grad_scales == (1.0, 1.0) and not cfg.model.fcos.reg_straight_through
-    assert cfg.boxinst.outside_weight == 0.0 and cfg.boxinst.projection_bce_weight == 0.0
+    assert cfg.boxinst.outside_weight == 0.0 and cfg.boxinst.projection_bce_weight == 0.0 and not cfg.boxinst.projection_in_image
 
 
 def test_a_recipe_overrides_its_base(tmp_path):

@@ -18,6 +18,7 @@ from training.losses import (
     log_same_label_probability,
     outside_box_loss,
     projection_bce_loss,
+    restrict_to_image,
     pairwise_loss,
     pairwise_weights,
     projection_loss,
@@ -327,6 +328,29 @@ def test_projection_bce_loss_hand_case():
     projection_bce_loss(empty, box).sum().backward()
     # (0, 0) is the max of column 0 and of row 0, both inside the box: -1/2 from each mean
     assert empty.grad[0, 0, 0, 0].item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_projections_in_the_image_ignore_the_padding():
+    """With projection_in_image, the projection terms on a padded canvas equal those on the
+    image alone (padding at the right and bottom), whatever the padding holds."""
+    torch.manual_seed(0)
+    image_logits = torch.randn(2, 1, 3, 4) * 3
+    image_boxes = box_masks(torch.tensor([[0.0, 0.0, 6.0, 5.0], [5.0, 2.0, 15.0, 11.0]]), 12, 16)  # (2, 3, 4)
+    padded = torch.full((2, 1, 5, 6), 50.0)  # the padding "paints" every row and column
+    padded[:, :, :3, :4] = image_logits
+    padded_boxes = torch.zeros(2, 5, 6)
+    padded_boxes[:, :3, :4] = image_boxes
+    valid = torch.zeros(1, 5, 6)
+    valid[:, :3, :4] = 1.0
+    sim = torch.ones(2, 8, 5, 6)
+    on_image = boxinst_losses(image_logits, image_boxes, sim[..., :3, :4], 0, projection_bce_weight=1.0)
+    restricted = boxinst_losses(padded, padded_boxes, sim, 0, valid=valid, projection_bce_weight=1.0, projection_in_image=True)
+    canvas = boxinst_losses(padded, padded_boxes, sim, 0, valid=valid, projection_bce_weight=1.0)
+    for key in ("loss_prj", "loss_prj_bce"):
+        assert restricted[key].item() == pytest.approx(on_image[key].item(), rel=1e-5)
+        assert canvas[key].item() != pytest.approx(on_image[key].item(), rel=1e-2)  # BoxInst's canvas sees the paint
+    masked = restrict_to_image(padded, valid)
+    assert torch.equal(masked[:, :, :3, :4], image_logits) and (masked[:, :, 3:] == -1e4).all()
 
 
 def test_boxinst_losses_outside_term_only_when_weighted():

@@ -291,7 +291,7 @@ def authors_setting_overrides(name: str) -> list[str]:
         "data.num_workers=0", "train.checkpoint_period=0", "train.eval_period=0",
         # the authors' losses and coupling (our defaults add terms for box supervision from scratch)
         "model.mask.controller_grad_scale=1.0", "model.mask.branch_grad_scale=1.0", "model.fcos.reg_straight_through=false",
-        "boxinst.outside_weight=0", "boxinst.projection_bce_weight=0", "solver.clip_grad_mode=global",
+        "boxinst.outside_weight=0", "boxinst.projection_bce_weight=0", "boxinst.projection_in_image=false", "solver.clip_grad_mode=global",
     ]  # fmt: skip
 
 

@@ -117,6 +117,9 @@ class BoxInstConfig(_Section):
     # Weight of the cross-entropy on the max projections (training.losses.projection_bce_loss;
     # not in BoxInst: 0 is the published method).
     projection_bce_weight: float = Field(1.0, ge=0.0)
+    # Project masks over the image only, not the padded canvas (training.losses.restrict_to_image;
+    # False: BoxInst as published, whose padding a head trained from scratch learns to paint).
+    projection_in_image: bool = True
 
 
 class BoxTeacherConfig(_Section):

@@ -144,7 +144,7 @@ def losses_from_outputs(
     losses.update(
         boxinst_losses(
             logits, boxes_s4, similarity[image_index], iteration, bi.pairwise_warmup_iters, bi.color_threshold, bi.pairwise_size,
-            bi.pairwise_dilation, bi.outside_weight, valid_s4[:, 0], bi.projection_bce_weight,
+            bi.pairwise_dilation, bi.outside_weight, valid_s4[:, 0], bi.projection_bce_weight, bi.projection_in_image,
         )  # fmt: skip
     )
     if cfg.method == "boxteacher":

@@ -40,6 +40,7 @@ __all__ = [
     "pairwise_loss",
     "outside_box_loss",
     "projection_bce_loss",
+    "restrict_to_image",
     "linear_warmup",
     "boxinst_losses",
 ]
@@ -349,7 +350,31 @@ def pairwise_loss(mask_logits: Tensor, weights: Tensor, kernel_size: int = 3, di
     return (loss * w).sum() / w.sum().clamp(min=1.0)
 
 
-def projection_bce_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+OFF_IMAGE_LOGIT = -1e4
+"""The logit padding gets in :func:`restrict_to_image`: sigmoid 0, zero gradient."""
+
+
+def restrict_to_image(mask_logits: Tensor, valid: Tensor) -> Tensor:
+    """Mask logits with every padding pixel set to ``OFF_IMAGE_LOGIT``, for the projections.
+
+    BoxInst projects the mask over the whole padded canvas. A box's row (column) then also
+    counts as covered when the mask is on in the padding beside (below) the image, where no
+    other loss looks: a head trained from scratch learns to paint the padding instead of the
+    object (measured: masks empty in the image, projection loss low). With this, the
+    projections see the image only, exactly as if the canvas were cropped to it.
+
+    Args:
+        mask_logits: ``(n, 1, h, w)`` or ``(n, h, w)`` logits; valid: ``(n or 1, h, w)`` image
+            pixels (1) vs padding (0).
+    Returns:
+        same shape and dtype as ``mask_logits``.
+    """
+    keep = valid.reshape(-1, *mask_logits.shape[-2:]).bool()
+    keep = keep.reshape(keep.shape[0], *([1] * (mask_logits.dim() - 3)), *keep.shape[-2:])
+    return mask_logits.masked_fill(~keep, OFF_IMAGE_LOGIT)
+
+
+def projection_bce_loss(mask_logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
     """Binary cross-entropy on the max projections, from logits, per instance (our addition;
     the multiple-instance form of the tightness prior, as in BBTP, Hsu et al. 2019).
 
@@ -361,9 +386,14 @@ def projection_bce_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     sigmoid(m) - t does not vanish when a mask is confidently wrong: a head whose masks
     have saturated to empty boxes (or to whole images) is pulled back.
 
+    With ``valid`` the means run over the columns and rows that hold image pixels (a
+    canvas padded to the right and bottom then gives the loss of the image alone, with
+    :func:`restrict_to_image`).
+
     Args:
         mask_logits: ``(n, 1, h, w)`` or ``(n, h, w)`` logits.
         box_masks: ``(n, h, w)`` box masks at the same stride.
+        valid: ``(n or 1, h, w)`` image pixels, or None = every column and row.
     Returns:
         ``(n,)`` float32.
     """
@@ -371,9 +401,11 @@ def projection_bce_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     h, w = box_masks.shape[-2:]
     x = mask_logits.float().reshape(n, h, w)
     b = box_masks.float().reshape(n, h, w)
-    along_x = F.binary_cross_entropy_with_logits(x.amax(dim=1), b.amax(dim=1), reduction="none").mean(dim=1)
-    along_y = F.binary_cross_entropy_with_logits(x.amax(dim=2), b.amax(dim=2), reduction="none").mean(dim=1)
-    return along_x + along_y
+    v = torch.ones(1, h, w, device=x.device) if valid is None else valid.float().reshape(-1, h, w)
+    cols, rows = v.amax(dim=1).expand(n, w), v.amax(dim=2).expand(n, h)
+    along_x = F.binary_cross_entropy_with_logits(x.amax(dim=1), b.amax(dim=1), reduction="none")
+    along_y = F.binary_cross_entropy_with_logits(x.amax(dim=2), b.amax(dim=2), reduction="none")
+    return (along_x * cols).sum(1) / cols.sum(1).clamp(min=1.0) + (along_y * rows).sum(1) / rows.sum(1).clamp(min=1.0)
 
 
 def outside_box_loss(mask_logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -424,6 +456,7 @@ def boxinst_losses(
     outside_weight: float = 0.0,
     valid: Tensor | None = None,
     projection_bce_weight: float = 0.0,
+    projection_in_image: bool = False,
 ) -> dict[str, Tensor]:
     """``L_box-sup`` for the kept proposals (BoxInst; method.md §2).
 
@@ -438,7 +471,9 @@ def boxinst_losses(
         similarity: ``(n, 8, h, w)`` colour similarity of each proposal's image.
         iteration: training iteration for the pairwise warm-up.
         outside_weight: weight of :func:`outside_box_loss` (0: BoxInst as published).
-        valid: ``(n or 1, h, w)`` image pixels, for the outside term.
+        valid: ``(n or 1, h, w)`` image pixels, for the outside term and the projections.
+        projection_in_image: project over the image only (:func:`restrict_to_image`), not
+            over the padded canvas as BoxInst does; needs ``valid``.
     Returns:
         ``{"loss_prj", "loss_pairwise"[, "loss_outside"]}`` float32 scalars; zeros attached
         to the graph when n == 0.
@@ -451,8 +486,8 @@ def boxinst_losses(
         if projection_bce_weight > 0:
             out["loss_prj_bce"] = zero.clone()
         return out
-    probs = mask_logits.float().sigmoid()
-    loss_prj = projection_loss(probs, box_masks).mean()
+    projected = restrict_to_image(mask_logits, valid) if projection_in_image and valid is not None else mask_logits
+    loss_prj = projection_loss(projected.float().sigmoid(), box_masks).mean()
     weights = pairwise_weights(similarity, box_masks, color_threshold)
     loss_pairwise = pairwise_loss(mask_logits, weights, kernel_size, dilation)
     out = {
@@ -462,5 +497,6 @@ def boxinst_losses(
     if outside_weight > 0:
         out["loss_outside"] = outside_weight * outside_box_loss(mask_logits, box_masks, valid).mean()
     if projection_bce_weight > 0:
-        out["loss_prj_bce"] = projection_bce_weight * projection_bce_loss(mask_logits, box_masks).mean()
+        in_image = valid if projection_in_image else None
+        out["loss_prj_bce"] = projection_bce_weight * projection_bce_loss(projected, box_masks, in_image).mean()
     return out
