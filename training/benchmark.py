@@ -174,7 +174,8 @@ def collapse_warning(run_dir: Path) -> str | None:
 
 
 def load_variants(path: str | None) -> dict[str, list[str]]:
-    """``--variants FILE``: a YAML mapping of variant name -> list of ``key=value`` overrides.
+    """``--variants FILE``: a YAML mapping of variant name -> list of ``key=value`` overrides
+    (a list inside the list, e.g. a YAML alias ``[*base, key=value]``, is spliced in).
     Without a file: one unnamed variant with no overrides."""
     if not path:
         return {"": []}
@@ -183,7 +184,11 @@ def load_variants(path: str | None) -> dict[str, list[str]]:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict) or not all(isinstance(v, list) or v is None for v in data.values()):
         raise ValueError(f"{path}: expected a mapping of variant name -> list of key=value overrides")
-    return {str(name): [str(x) for x in (overrides or [])] for name, overrides in data.items()}
+
+    def flat(items: list) -> list[str]:
+        return [str(y) for x in items for y in (flat(x) if isinstance(x, list) else [x])]
+
+    return {str(name): flat(overrides or []) for name, overrides in data.items()}
 
 
 def cmd_quality(args) -> int:
