@@ -90,8 +90,8 @@ def main(data_dir: str, out: str) -> None:
         # 3. a NaN on rank 1 only, at the second of three steps
         real = train_module.losses_from_outputs
 
-        def poisoned(model, head, mask_feats, batch, iteration, cfg, reduce_mean=None):
-            losses = real(model, head, mask_feats, batch, iteration, cfg, reduce_mean)
+        def poisoned(model, head, mask_feats, batch, iteration, *rest):
+            losses = real(model, head, mask_feats, batch, iteration, *rest)
             if rank == 1 and iteration == 1:
                 losses["loss_fcos_cls"] = losses["loss_fcos_cls"] * float("nan")
             return losses

@@ -19,6 +19,7 @@ from training.model.scores import authors_pseudo_weight
 
 pytestmark = pytest.mark.skipif(not AUTHORS_FIXTURE.is_dir(), reason=f"authors' fixture not found at {AUTHORS_FIXTURE}")
 
+MAX_PROB_DEVIATION = 1e-3  # see check_parity
 IMAGES = {"image1": "image1_synth_160x224.png", "image2": "image2_pennfudan_FudanPed00001_256x267.png"}
 
 
@@ -101,13 +102,16 @@ def check_parity(ours: dict, theirs: dict, full_features: bool) -> dict[str, flo
     assert dev["s_det"] < 1e-4 and dev["controller_params"] < 1e-3
     # Stride-4 mask probabilities on the padded canvas.
     # The README suggests abs 1e-4; the same code on 1 vs 2 threads already moves these by
-    # 5e-5. Our kernels are equivalent but not identical (bmm for their grouped conv,
-    # torchvision's FrozenBN): measured max 1.3e-4 on 102 of 460k values of image2, mean
-    # 1.2e-6. We bound the max at 2.5e-4 and the mean at 1e-5 (a wrong weight moves both
-    # by orders of magnitude, see test_parity_fails_when_one_weight_is_wrong).
+    # 5e-5, and the CPU's kernels move them more (bmm for their grouped conv, torchvision's
+    # FrozenBN): image2's max was 1.3e-4 (102 of 460k values over 1e-4) on an Intel CPU and
+    # 3.9e-4 (157 values) on an AMD EPYC, mean 1.2e-6 / 2.8e-6 on both. So the bounds are
+    # on the bulk (mean, share of values over 1e-4) with a looser max; a wrong weight moves
+    # all three by orders of magnitude (test_parity_fails_when_one_weight_is_wrong).
     diff4 = (det.mask_probs - theirs["pred_global_masks_stride4"][:, 0]).abs()
     dev["masks_stride4"], dev["masks_stride4_mean"] = float(diff4.max()), float(diff4.mean())
-    assert dev["masks_stride4"] < 2.5e-4 and dev["masks_stride4_mean"] < 1e-5
+    dev["masks_stride4_share_over_1e-4"] = float((diff4 > 1e-4).float().mean())
+    assert dev["masks_stride4"] < MAX_PROB_DEVIATION and dev["masks_stride4_mean"] < 1e-5
+    assert dev["masks_stride4_share_over_1e-4"] < 1e-3
     # Final instances: boxes, classes, both scores, binary masks.
     assert torch.equal(inst.labels, theirs["pred_classes"])
     dev["boxes_px"] = float((inst.boxes - theirs["pred_boxes"]).abs().max())
@@ -123,7 +127,7 @@ def check_parity(ours: dict, theirs: dict, full_features: bool) -> dict[str, flo
     assert dev["mask_iou_min"] > 0.999
     top = theirs["top10_index"]
     dev["top10_fullres_probs"] = float((inst.mask_probs[top] - theirs["top10_mask_probs_fullres"]).abs().max())
-    assert dev["top10_fullres_probs"] < 2.5e-4  # the stride-4 bound above, pasted
+    assert dev["top10_fullres_probs"] < MAX_PROB_DEVIATION  # pasted from stride 4
     return dev
 
 

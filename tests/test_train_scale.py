@@ -72,8 +72,8 @@ def test_nan_loss_is_skipped_counted_and_stops_when_it_persists(data64, tmp_path
     real = train_module.losses_from_outputs
     poison_at = {1}
 
-    def poisoned(model, head, mask_feats, batch, iteration, cfg, reduce_mean=None):
-        losses = real(model, head, mask_feats, batch, iteration, cfg, reduce_mean)
+    def poisoned(model, head, mask_feats, batch, iteration, *rest):
+        losses = real(model, head, mask_feats, batch, iteration, *rest)
         if iteration in poison_at:
             losses["loss_mask"] = losses["loss_mask"] * float("nan")
         return losses
