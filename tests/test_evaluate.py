@@ -61,6 +61,15 @@ def test_eval_and_visualize_commands(synthetic_dataset, tmp_path):
     assert len(pngs) == len(list((synthetic_dataset / "images").iterdir()))
 
 
+def test_eval_class_agnostic_nms_flag_overrides_the_checkpoint(synthetic_dataset, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.pth", tiny_config(num_classes=7))  # class_agnostic_nms: False (the default)
+    base = ["eval", "--weights", str(ckpt), "--data", str(synthetic_dataset), "--max-images", "1"]
+    for flag, expected in ((None, False), ("--class-agnostic-nms", True), ("--no-class-agnostic-nms", False)):
+        out = tmp_path / str(flag)
+        assert main(base + ["--output", str(out)] + ([flag] if flag else [])) == 0
+        assert json.loads((out / "metrics.json").read_text())["class_agnostic_nms"] is expected
+
+
 def test_eval_reports_missing_checkpoint_clearly(tmp_path, capsys):
     assert main(["eval", "--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from conftest import conditioned_model, tiny_config
 from training.config import ConfigError, FCOSConfig, load_config
-from training.model.fcos import assign_targets_single, centerness_target, compute_locations, fcos_losses, giou_loss_ltrb, level_size_ranges
+from training.model.fcos import (
+    assign_targets_single,
+    centerness_target,
+    compute_locations,
+    fcos_losses,
+    giou_loss_ltrb,
+    level_size_ranges,
+    non_max_suppression,
+)
 from training.model.mask_head import aligned_bilinear, dynamic_param_count, relative_coordinates, run_dynamic_head, split_dynamic_params
 from training.model.processing import normalize_and_pad, paste_masks, resized_size, scale_boxes
 
@@ -197,6 +205,33 @@ def test_model_forward_shapes_and_empty_prediction():
     out = model.predict([torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)])[0]
     assert 0 < len(out) <= cfg.model.fcos.max_detections and out.masks.shape[1:] == (96, 128)
     assert (out.scores <= out.det_scores.sqrt() + 1e-6).all()  # sqrt(c * m) <= sqrt(c)
+
+
+def test_class_agnostic_nms_keeps_one_box_per_object_by_hand():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 11.0], [20.0, 20.0, 30.0, 30.0]])  # IoU(0, 1) = 100/110
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    labels = torch.tensor([0, 1, 0])  # one object, two classes; a second object
+    assert non_max_suppression(boxes, scores, labels, 0.6).tolist() == [0, 1, 2]  # per class: both boxes of object 1
+    assert non_max_suppression(boxes, scores, labels, 0.6, class_agnostic=True).tolist() == [0, 2]
+    same = torch.tensor([0, 0, 0])
+    assert non_max_suppression(boxes, scores, same, 0.6).tolist() == [0, 2]  # one class: the two rules agree
+
+
+def test_decode_detections_class_agnostic_switch():
+    """A conditioned model hesitates between classes: per-class NMS keeps near-identical boxes
+    with different labels (IoU 1.0 measured), class-agnostic NMS none above the threshold (0.50)."""
+    from torchvision.ops import box_iou
+
+    cfg = tiny_config()
+    model = conditioned_model(cfg)
+    image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    overlaps = {}
+    for agnostic in (False, True):
+        model.cfg.model.fcos.class_agnostic_nms = agnostic
+        out = model.predict([image], resize=False)[0]
+        iou = box_iou(out.boxes, out.boxes).fill_diagonal_(0)
+        overlaps[agnostic] = float(iou.max())
+    assert overlaps[False] > 0.9 and overlaps[True] < 0.55  # nms_threshold 0.6 between them, with margins
 
 
 def test_config_errors_name_the_key():

@@ -1,5 +1,5 @@
-"""Training-side subcommands of ``boxteacher``: make-synthetic, train, eval,
-visualize, convert, pseudo-label, benchmark."""
+"""Training-side subcommands of ``boxteacher``: make-synthetic, check-data, train, eval,
+visualize, demo, convert, pseudo-label, benchmark."""
 
 from __future__ import annotations
 
@@ -45,15 +45,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-mode", choices=["mask", "box"], default="mask", help="'box': each mask replaced by its filled box")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    _add_nms_option(p)
     p.set_defaults(func=cmd_eval)
 
+    # Defaults (None here) are training.visualize's constants; not imported at start-up.
     p = sub.add_parser("visualize", help="PNG overlays of predicted masks, boxes, classes and scores")
     p.add_argument("--weights", required=True)
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", required=True)
-    p.add_argument("--score-threshold", type=float, default=0.3, help="minimum mask-aware score drawn")
+    p.add_argument("--score-threshold", type=float, default=None, help="minimum mask-aware score drawn (default 0.3)")
+    p.add_argument("--top-k", type=int, default=None, help="at most this many detections drawn per image, best first (default 10)")
+    p.add_argument("--scale", type=int, default=None, help="integer upscale factor (default: the long side reaches 512 px)")
     p.add_argument("--branch", choices=["teacher", "student"], default=None)
+    _add_nms_option(p)
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("demo", help="the main job in minutes: synthetic data -> BoxTeacher from boxes -> table, pictures, serving hints")
+    p.add_argument("--output", default="demo", help="folder for the data, the run, the metrics and the pictures")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the demo's budget, see training/demo.py)")
+    p.add_argument("--train", type=int, default=200, help="synthetic training images")
+    p.add_argument("--val", type=int, default=50, help="synthetic val images")
+    p.add_argument("--sheets", type=int, default=6, help="val images drawn as comparison sheets")
+    p.add_argument("--upper-bound", action="store_true", help="also train mask-supervised CondInst with the same recipe (doubles the time)")
+    p.add_argument("--port", type=int, default=8000, help="port named in the serving hints")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert the authors' BoxTeacher/AdelaiDet checkpoints to ours")
     p.add_argument("checkpoint", help="their .pth (detectron2 format or a bare state dict)")
@@ -64,18 +81,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.fcos.score_threshold=0.05")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("pseudo-label", help="box-only dataset -> COCO file with one pseudo mask per matched box")
+    p = sub.add_parser(
+        "check-data",
+        help="list every problem of a COCO dataset folder; exit 0 when training can proceed, 1 when not",
+        description="Exit status: 0 training can proceed (skipped or kept problems are listed), 1 it cannot (fatal problems), 2 no such folder.",
+    )
+    p.add_argument("data", help="dataset folder with images/ and annotations/*.json")
+    p.add_argument("--split", action="append", default=None, help="check this split only (repeatable; default: train and every other annotations/*.json)")
+    p.add_argument(
+        "--images", choices=["exists", "header", "decode"], default="decode",
+        help="how far image files are read: exists, header (size, EXIF rotation), decode (also finds truncated files; default)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "pseudo-label",
+        help="box-only dataset -> COCO file with one pseudo mask per matched box (under torchrun: sharded; a rerun resumes)",
+    )
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--output", required=True, help="COCO annotation file to write (e.g. ann.json)")
+    p.add_argument("--output", required=True, help="COCO annotation file to write (e.g. ann.json); parts go to OUTPUT.parts/ meanwhile")
     p.add_argument("--branch", choices=["teacher", "student"], default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding images ahead of the model (per process)")
     p.set_defaults(func=cmd_pseudo_label)
 
     from training.benchmark import register_benchmarks
 
     register_benchmarks(sub)
+
+
+def _add_nms_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--class-agnostic-nms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one box per object (NMS over all classes) or per class (--no-...); default: the checkpoint's model.fcos.class_agnostic_nms",
+    )
+
+
+def _load_model(args):
+    """The checkpoint's model, with --class-agnostic-nms applied when given."""
+    from training.checkpoint import load_model
+
+    model, cfg = load_model(args.weights, args.branch, device=getattr(args, "device", "cpu"))
+    if args.class_agnostic_nms is not None:
+        model.cfg.model.fcos.class_agnostic_nms = args.class_agnostic_nms
+    return model, cfg
 
 
 def _cuda() -> bool:
@@ -95,6 +149,28 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def _check_data_first(data: str, splits: list[str]) -> None:
+    """The dataset checks before any work: a fatal problem stops with one line (DataError);
+    the reader warns once about what it skips."""
+    from training.data.checks import check_split
+
+    for split in splits:
+        check_split(data, split).raise_if_fatal()
+
+
+def cmd_check_data(args) -> int:
+    from training.data.checks import check_dataset, format_report
+
+    reports = check_dataset(args.data, args.split, args.images)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        print("\n".join(format_report(r) for r in reports))
+    usable = all(r.usable for r in reports)
+    print("training can proceed" if usable else "training cannot proceed: fix the fatal problems above", file=sys.stderr)
+    return 0 if usable else 1
+
+
 def cmd_train(args) -> int:
     """Train on one process, or on every process of a torchrun job (DDP); rank 0 prints
     and writes the checkpoints, the logs and one metrics.json."""
@@ -102,6 +178,7 @@ def cmd_train(args) -> int:
     from training.distributed import is_main_process, launch
     from training.train import train
 
+    _check_data_first(args.data, ["train"] if args.no_eval else ["train", "val"])
     cfg = load_config(args.config, args.overrides)
     with launch(args.device) as device:
         final = train(cfg, args.data, args.output, device=device, progress=not args.no_progress, resume=args.resume, evaluate=not args.no_eval)
@@ -114,10 +191,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from training.checkpoint import load_model
     from training.evaluate import evaluate_model, write_metrics
 
-    model, _ = load_model(args.weights, args.branch, device=args.device)
+    _check_data_first(args.data, [args.split])
+    model, _ = _load_model(args)
     metrics = evaluate_model(model, args.data, args.split, args.mask_mode, args.max_images)
     path = write_metrics(metrics, args.output)
     print(json.dumps({k: metrics[k] for k in ("segm", "bbox")}))
@@ -139,14 +216,27 @@ def _image_files(items: list[str]) -> list[Path]:
 
 
 def cmd_visualize(args) -> int:
-    from training.checkpoint import load_model
-    from training.data.coco import load_image
-    from training.visualize import save_overlays
+    import torch
 
-    model, _ = load_model(args.weights, args.branch)
-    images = [(str(f), load_image(f).as_subclass(__import__("torch").Tensor)) for f in _image_files(args.images)]
-    paths = save_overlays(model, images, args.output, args.score_threshold)
+    from training.data.coco import load_image
+    from training.visualize import DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, save_overlays
+
+    model, _ = _load_model(args)
+    images = [(str(f), load_image(f).as_subclass(torch.Tensor)) for f in _image_files(args.images)]
+    threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    paths = save_overlays(model, images, args.output, threshold, top_k, args.scale)
     print(f"wrote {len(paths)} overlays to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from training.demo import DEFAULT_ITERS, run_demo
+
+    run_demo(
+        args.output, iters=args.iters or DEFAULT_ITERS, train_images=args.train, val_images=args.val, sheets=args.sheets,
+        upper_bound=args.upper_bound, port=args.port, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
     return 0
 
 
@@ -163,13 +253,26 @@ def cmd_convert(args) -> int:
 
 
 def cmd_pseudo_label(args) -> int:
+    """One process, or every process of a torchrun job: the images are shared out, rank 0
+    merges and prints; rerunning the same command after a crash resumes."""
     from training.checkpoint import load_model
-    from training.pseudo_label import pseudo_mask_quality, write_pseudo_labels
+    from training.distributed import info, launch
+    from training.pseudo_label import file_digest, pseudo_label_to_file
 
-    model, _ = load_model(args.weights, args.branch, device=args.device)
-    path, result = write_pseudo_labels(model, args.data, args.split, args.output)
-    print(f"wrote {path}: {len(result['annotations'])} pseudo masks")
-    quality = pseudo_mask_quality(result, args.data, args.split)
+    _check_data_first(args.data, [args.split])
+    with launch(args.device) as device:
+        model, _ = load_model(args.weights, args.branch, device=device)
+        annotations = Path(args.data) / "annotations" / f"{args.split}.json"
+        key = {"checkpoint_sha256": file_digest(args.weights), "branch": args.branch, "annotations_sha256": file_digest(annotations)}
+        summary = pseudo_label_to_file(model, args.data, args.split, args.output, workers=args.workers, run_key=key)
+        main = info().is_main
+    if not main:
+        return 0
+    print(
+        f"wrote {args.output}: {summary['pseudo_masks']} pseudo masks for {summary['boxes']} boxes in {summary['images']} images "
+        f"({summary['unmatched_boxes']} boxes without one, under unmatched_boxes; review_order lists the worst first)"
+    )
+    quality = summary["quality"]
     if quality is not None:  # the split also has true masks: say how close the pseudo masks are
         print(
             f"against the split's true masks ({int(quality['boxes'])} boxes): coverage {quality['coverage']:.3f}, "

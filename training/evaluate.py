@@ -96,6 +96,7 @@ def evaluate_model(model: CondInst, data_dir: str | Path, split: str = "val", ma
         "bbox": coco_metrics(dataset.coco, bbox, "bbox", ids, use_cats=not class_agnostic),
         "num_images": len(ids),
         "mask_mode": mask_mode,
+        "class_agnostic_nms": model.cfg.model.fcos.class_agnostic_nms,
     }
 
 

@@ -36,12 +36,14 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from training.data.checks import check_split
+
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]]
 
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # Errors PIL raises on truncated, corrupt or non-image files.
-_LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(path: str | os.PathLike[str]) -> tv_tensors.Image:
@@ -117,15 +119,22 @@ class CocoInstances(Dataset):
         class_names: names by contiguous label (categories sorted by id).
         label_to_category_id: ``label -> COCO category id``.
         category_id_to_label: ``COCO category id -> label``.
+        report: the :class:`training.data.checks.SplitReport` of the annotation file.
         skipped_image_ids: ids of images found missing or unreadable so far.
         num_skipped: ``len(skipped_image_ids)``.
 
-    Crowd annotations (``iscrowd=1``) and boxes with ``w <= 0`` or ``h <= 0`` are
-    ignored; boxes are clamped to the image; instances whose box is degenerate
-    after the transforms are dropped.
+    Checks: the annotation file goes through :func:`training.data.checks.check_split`
+    first. A fatal problem (not JSON, unknown category ids, duplicate ids, no usable
+    box ...) raises :class:`training.data.checks.DataError` with one line naming the
+    file and the first offending ids; skipped annotations (malformed, NaN/inf, empty or
+    wholly-outside boxes, annotations of undeclared images) and skipped images (file
+    missing, unusable declared size) are left out with one warning giving the counts.
+
+    Crowd annotations (``iscrowd=1``) are ignored; boxes are clamped to the image;
+    instances whose box is degenerate after the transforms are dropped.
 
     Unreadable images: a file missing at construction is left out of
-    ``image_ids`` with a warning. A file that fails to decode in
+    ``image_ids`` (in the checks' warning). A file that fails to decode in
     ``__getitem__``, or whose size (after EXIF rotation) differs from the
     JSON's ``height``/``width``, is warned about once, recorded in ``skipped_image_ids``,
     and the next loadable image (wrapping around) is returned instead, so a
@@ -151,13 +160,12 @@ class CocoInstances(Dataset):
         self.class_agnostic = class_agnostic
         self.image_dir = self.root / "images"
         self.annotation_file = self.root / "annotations" / f"{split}.json"
-        if not self.annotation_file.is_file():
-            raise FileNotFoundError(f"annotation file not found: {self.annotation_file}")
-        self.coco = _load_coco_quietly(self.annotation_file)
+        self.report = check_split(self.root, split).raise_if_fatal()
+        if self.report.warning_message():
+            warnings.warn(self.report.warning_message(), RuntimeWarning, stacklevel=2)
+        self.coco = coco_from_dict(self.report.dataset)
 
         categories = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
-        if not categories:
-            raise ValueError(f"{self.annotation_file} has no categories")
         if class_agnostic:
             self.class_names: list[str] = ["object"]
             self.label_to_category_id: list[int] = [int(categories[0]["id"])]
@@ -167,16 +175,12 @@ class CocoInstances(Dataset):
             self.label_to_category_id = [int(c["id"]) for c in categories]
             self.category_id_to_label = {cid: label for label, cid in enumerate(self.label_to_category_id)}
 
-        self.skipped_image_ids: list[int] = []
-        self._bad_ids: set[int] = set()
-        present, missing = [], []
-        for image_id in sorted(self.coco.getImgIds()):
-            (present if self._image_path(image_id).is_file() else missing).append(image_id)
-        if missing:
-            self._record_skips(missing, "file not found")
+        self.skipped_image_ids: list[int] = list(self.report.skipped_image_ids)  # said in the checks' warning
+        self._bad_ids: set[int] = set(self.skipped_image_ids)
+        present = [i for i in sorted(self.coco.getImgIds()) if i not in self._bad_ids]
         self.image_ids: list[int] = present
         if verify_images:
-            self.image_ids = [i for i in present if self._try_load(i) is not None]
+            self.image_ids = [i for i in present if self.try_load(i) is not None]
 
     @property
     def num_classes(self) -> int:
@@ -202,7 +206,7 @@ class CocoInstances(Dataset):
             image_id = self.image_ids[(index + step) % n]
             if image_id in self._bad_ids:
                 continue
-            image = self._try_load(image_id)
+            image = self.try_load(image_id)
             if image is not None:
                 return self._make_sample(image_id, image)
         raise RuntimeError(f"no loadable image in {self.image_dir} ({self.num_skipped} skipped)")
@@ -220,12 +224,13 @@ class CocoInstances(Dataset):
         more = f" and {len(new) - 5} more" if len(new) > 5 else ""
         warnings.warn(f"skipping {len(new)} image(s) ({reason}): {names}{more}", RuntimeWarning, stacklevel=3)
 
-    def _try_load(self, image_id: int) -> tv_tensors.Image | None:
-        """Load one image, or record it as skipped and return None."""
+    def try_load(self, image_id: int) -> tv_tensors.Image | None:
+        """The image with this COCO id as loaded (uint8 (3, H, W)), or None after recording
+        it as skipped (unreadable, or its size differs from the declared one)."""
         info = self.coco.imgs[image_id]
         try:
             image = load_image(self._image_path(image_id))
-        except _LOAD_ERRORS as err:
+        except LOAD_ERRORS as err:
             self._record_skips([image_id], f"unreadable: {type(err).__name__}: {err}")
             return None
         expected = (info.get("height"), info.get("width"))
@@ -237,11 +242,7 @@ class CocoInstances(Dataset):
 
     def _make_sample(self, image_id: int, image: tv_tensors.Image) -> tuple[tv_tensors.Image, Target]:
         h, w = image.shape[-2:]
-        anns = [
-            a
-            for a in self.coco.imgToAnns.get(image_id, [])
-            if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
-        ]
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]  # boxes checked
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         target: Target = {
@@ -282,3 +283,12 @@ def _load_coco_quietly(path: Path) -> COCO:
     """``COCO(path)`` without its print statements."""
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(path))
+
+
+def coco_from_dict(dataset: dict) -> COCO:
+    """A ``pycocotools.coco.COCO`` index of an in-memory COCO dict, without its prints."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco

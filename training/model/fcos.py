@@ -320,9 +320,21 @@ class Detections:
         return Detections(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
+def non_max_suppression(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, class_agnostic: bool = False) -> Tensor:
+    """Greedy NMS: indices (int64) of the kept boxes, by decreasing score.
+
+    boxes (n,4) xyxy; scores (n,); labels (n,) int64. A box is dropped when a higher-scored
+    kept box overlaps it with IoU > ``iou_threshold`` and, class-aware, has the same label;
+    class-agnostic, any label (one box per object, with its best box's class). One
+    ``batched_nms`` either way (all labels 0 when class-agnostic), so both export to ONNX alike.
+    """
+    return batched_nms(boxes, scores, torch.zeros_like(labels) if class_agnostic else labels, iou_threshold)
+
+
 def decode_detections(outputs: HeadOutputs, image_index: int, cfg: FCOSConfig, score_threshold: float | None = None) -> Detections:
     """FCOS inference for image ``image_index`` of the batch: per-level top-k on
-    cls*ctr, class-aware NMS, keep the best ``max_detections``.
+    cls*ctr, NMS (per class, or over all classes with ``cfg.class_agnostic_nms``), keep the
+    best ``max_detections``.
 
     Shape-static where it can be: candidates under the threshold are kept with score
     0 (they sort last and cannot suppress a real detection) and marked invalid, so
@@ -348,7 +360,7 @@ def decode_detections(outputs: HeadOutputs, image_index: int, cfg: FCOSConfig, s
         ctl = outputs.controller[level][image_index]
         params.append(ctl.permute(1, 2, 0).reshape(h * w, ctl.shape[0])[loc_idx])
     boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_nms(boxes_t, scores_t, labels_t, cfg.nms_threshold)[: cfg.max_detections]
+    keep = non_max_suppression(boxes_t, scores_t, labels_t, cfg.nms_threshold, cfg.class_agnostic_nms)[: cfg.max_detections]
     dets = Detections(boxes_t, scores_t, labels_t, torch.cat(locs), torch.cat(lvls), torch.cat(params), scores_t > math.sqrt(max(thr, 0.0)))
     return dets.select(keep)
 
