@@ -193,8 +193,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from training.evaluate import evaluate_model, write_metrics
 
+    model, _ = _load_model(args)  # a missing checkpoint is named before the data's problems
     _check_data_first(args.data, [args.split])
-    model, _ = _load_model(args)
     metrics = evaluate_model(model, args.data, args.split, args.mask_mode, args.max_images)
     path = write_metrics(metrics, args.output)
     print(json.dumps({k: metrics[k] for k in ("segm", "bbox")}))
