@@ -149,13 +149,12 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
-def _check_data_first(data: str, splits: list[str]) -> None:
-    """The dataset checks before any work: a fatal problem stops with one line (DataError);
-    the reader warns once about what it skips."""
+def _check_data_first(data: str, splits: list[str]) -> list:
+    """The dataset checks before any work (their SplitReports): a fatal problem stops with
+    one line (DataError); the reader warns once about what it skips."""
     from training.data.checks import check_split
 
-    for split in splits:
-        check_split(data, split).raise_if_fatal()
+    return [check_split(data, split).raise_if_fatal() for split in splits]
 
 
 def cmd_check_data(args) -> int:
@@ -178,8 +177,18 @@ def cmd_train(args) -> int:
     from training.distributed import is_main_process, launch
     from training.train import train
 
-    _check_data_first(args.data, ["train"] if args.no_eval else ["train", "val"])
+    from training.data.checks import DataError
+
     cfg = load_config(args.config, args.overrides)
+    evaluates = not args.no_eval or bool(cfg.train.eval_period)
+    reports = _check_data_first(args.data, ["train", "val"] if evaluates else ["train"])
+    if evaluates and reports[1].without_mask:  # found now, not by COCOeval after the training
+        val = reports[1]
+        raise DataError(
+            f"{val.file}: {val.without_mask} annotations without a mask ({', '.join(val.without_mask_examples)}); "
+            "evaluation during and after training measures mask AP: train with --no-eval (and train.eval_period=0), "
+            "then `boxteacher eval` gives box AP on a box-only split"
+        )
     with launch(args.device) as device:
         final = train(cfg, args.data, args.output, device=device, progress=not args.no_progress, resume=args.resume, evaluate=not args.no_eval)
         if is_main_process():
@@ -194,8 +203,11 @@ def cmd_eval(args) -> int:
     from training.evaluate import evaluate_model, write_metrics
 
     model, _ = _load_model(args)  # a missing checkpoint is named before the data's problems
-    _check_data_first(args.data, [args.split])
-    metrics = evaluate_model(model, args.data, args.split, args.mask_mode, args.max_images)
+    (report,) = _check_data_first(args.data, [args.split])
+    if report.without_mask:
+        metrics = _evaluate_boxes_only(model, args, report)
+    else:
+        metrics = evaluate_model(model, args.data, args.split, args.mask_mode, args.max_images)
     path = write_metrics(metrics, args.output)
     print(json.dumps({k: metrics[k] for k in ("segm", "bbox")}))
     print(f"wrote {path}")
@@ -213,6 +225,28 @@ def _image_files(items: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"no such image or folder: {p}")
     return files
+
+
+def _evaluate_boxes_only(model, args, report) -> dict:
+    """evaluate_model's dict with ``"segm": None``: the split has annotations without a
+    mask (COCOeval's segm needs one on every annotation), so box AP only, said once."""
+    from training.data.coco import CocoInstances
+    from training.evaluate import coco_metrics, predict_dataset
+
+    print(
+        f"{report.file}: {report.without_mask} annotations without a mask ({', '.join(report.without_mask_examples)}): box AP only",
+        file=sys.stderr,
+    )
+    class_agnostic = bool(model.cfg.data.class_agnostic)
+    dataset = CocoInstances(args.data, args.split, class_agnostic=class_agnostic)
+    bbox, _, ids = predict_dataset(model, dataset, args.mask_mode, args.max_images)
+    return {
+        "segm": None,
+        "bbox": coco_metrics(dataset.coco, bbox, "bbox", ids, use_cats=not class_agnostic),
+        "num_images": len(ids),
+        "mask_mode": args.mask_mode,
+        "class_agnostic_nms": model.cfg.model.fcos.class_agnostic_nms,
+    }
 
 
 def cmd_visualize(args) -> int:

@@ -173,6 +173,15 @@ def _prepare_parts(parts: Path, run_key: dict) -> str | None:
     return None
 
 
+def remove_parts(parts: Path) -> None:
+    """Delete a parts folder, its manifest last: a kill part-way leaves either the manifest
+    (a rerun merges again) or nothing that a run with another key would resume from."""
+    for path in parts.glob("part-*.jsonl"):
+        path.unlink()
+    (parts / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(parts, ignore_errors=True)
+
+
 def _index_parts(parts: Path) -> dict[int, tuple[Path, int]]:
     """image id -> (part file, byte offset) of its record (the first one when repeated)."""
     index: dict[int, tuple[Path, int]] = {}
@@ -268,6 +277,7 @@ def pseudo_label_to_file(
     mine = todo[rank::world]
 
     model.eval()
+    parts.mkdir(parents=True, exist_ok=True)  # a node whose filesystem rank 0 does not share
     loader = DataLoader(_Images(dataset, mine), batch_size=None, num_workers=workers)
     with PartWriter(parts / f"part-{rank:05d}.jsonl") as writer:
         for image_id, image in loader:
@@ -282,7 +292,7 @@ def pseudo_label_to_file(
     if rank == 0:
         try:
             summary = merge_parts(parts, dataset, output, key)
-            shutil.rmtree(parts)
+            remove_parts(parts)
         except Exception as err:  # noqa: BLE001 - said on every rank, so none waits for rank 0
             summary = f"merging {parts} into {output} failed: {type(err).__name__}: {err}"
     summary = group.share(summary)

@@ -14,7 +14,8 @@ sorts every problem into one of three severities:
 - **kept**: used as it is, and said (a box partly outside the image, clamped; two image
   entries for one file; an image whose only annotations are crowd regions, which trains
   as an image without objects; a segmentation that cannot be decoded, dropped: the box
-  stays).
+  stays). A missing ``iscrowd`` reads as 0 and a missing or non-numeric ``area`` as the
+  box's area, as COCO tools expect (COCOeval reads both), without a word.
 
 :func:`check_split` is what ``boxteacher check-data`` prints and what
 :class:`training.data.coco.CocoInstances` runs on construction, so ``train``, ``eval``
@@ -103,6 +104,9 @@ class SplitReport:
         file: the annotation file.
         images, annotations, categories: entries declared in the file.
         boxes: non-crowd annotations left after skipping (what training learns from).
+        without_mask: annotations left after skipping that have no usable segmentation
+            (a box-only split: mask AP cannot be measured on it); a few ids in
+            ``without_mask_examples``.
         problems: by kind, in :data:`KINDS` order.
         dataset: the COCO dict without the skipped annotations (None when fatal).
         skipped_image_ids: images to leave out (missing, unreadable, wrongly sized ...).
@@ -113,6 +117,8 @@ class SplitReport:
     annotations: int = 0
     categories: int = 0
     boxes: int = 0
+    without_mask: int = 0
+    without_mask_examples: list[str] = field(default_factory=list)
     problems: dict[str, Problem] = field(default_factory=dict)
     dataset: dict | None = None
     skipped_image_ids: list[int] = field(default_factory=list)
@@ -157,6 +163,7 @@ class SplitReport:
             "annotations": self.annotations,
             "categories": self.categories,
             "boxes": self.boxes,
+            "annotations_without_mask": self.without_mask,
             "problems": [{"kind": p.kind, "severity": p.severity, "what": p.what, "count": p.count, "examples": p.examples} for k, p in self.problems.items()],
         }
 
@@ -292,6 +299,8 @@ def check_split(root: str | Path, split: str, images: ImageCheck = "exists") -> 
         if "segmentation" in ann and ann["segmentation"] not in (None, [], {}) and not _segmentation_ok(ann["segmentation"]):
             report.add("bad_segmentation", f"annotation {ann_id}")
             ann = {key: v for key, v in ann.items() if key != "segmentation"}
+        if "iscrowd" not in ann or not (_is_number(ann.get("area")) and math.isfinite(ann["area"])):
+            ann = {"iscrowd": 0, **ann, "area": ann["area"] if _is_number(ann.get("area")) and math.isfinite(ann["area"]) else float(ann["bbox"][2] * ann["bbox"][3])}
         kept.append(ann)
         crowd_by_image[image_id].append(bool(ann.get("iscrowd", 0)))
 
@@ -311,6 +320,11 @@ def check_split(root: str | Path, split: str, images: ImageCheck = "exists") -> 
             report.add("crowd_only", f"image {image_id}")
 
     report.boxes = sum(1 for a in kept if not a.get("iscrowd", 0) and a["image_id"] not in skipped)
+    for a in kept:
+        if not a.get("segmentation") and a["image_id"] not in skipped:
+            report.without_mask += 1
+            if len(report.without_mask_examples) < MAX_EXAMPLES:
+                report.without_mask_examples.append(f"annotation {a['id']}")
     if report.boxes == 0 and report.usable:
         report.add("no_boxes", f"{len(by_id) - len(skipped)} usable images, {len(anns)} annotations")
     if report.usable:
@@ -392,4 +406,6 @@ def format_report(report: SplitReport) -> str:
                 lines.append(f"                  ... and {p.count - len(p.examples)} more")
     if len(lines) == 1:
         lines.append("  no problems found")
+    if report.without_mask:
+        lines.append(f"  note: {report.without_mask} annotations without a mask (box-only): eval measures box AP only")
     return "\n".join(lines)
