@@ -3,10 +3,15 @@
 Layout (what :class:`training.data.coco.CocoInstances` reads)::
 
     DIR/images/task_<id>.png              the task's image, EXIF orientation applied
-    DIR/annotations/train.json, val.json  COCO instances with boxes only (no segmentation)
+    DIR/annotations/train.json, val.json  COCO instances: boxes, and a mask where the annotator drew one
 
 Per task, the rectangles of its newest non-cancelled annotation are used (the same rule
-as batch predictions). Categories: the model's classes in order (category id = class
+as batch predictions). A brush mask of the same annotation (drawn, or a prediction the
+annotator accepted) goes with the rectangle whose box it fits best (box IoU >= 0.5, one
+each): fine-tuning does not read it (BoxTeacher learns from boxes), the evaluation of a
+fine-tuned model does (box-prompted mask IoU, labelstudio_backend.fit).
+
+Categories: the model's classes in order (category id = class
 index + 1), so the classifier keeps its weights; a Label Studio label that maps to no
 class (see :func:`labelstudio_backend.label_config.label_to_class_map`) becomes a new
 category after them (the classifier is then re-initialised by ``model.weights``, with a
@@ -23,11 +28,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from labelstudio_backend.images import ImageFetcher
 from labelstudio_backend.label_config import LabelConfig, label_to_class_map
-from labelstudio_backend.regions import rectangles_in
+from labelstudio_backend.regions import masks_in, rectangles_in
 
 log = logging.getLogger(__name__)
 MIN_VAL_TASKS = 2
@@ -39,6 +45,7 @@ class DatasetSummary:
     path: Path
     tasks: int = 0  # tasks with at least one usable rectangle
     boxes: int = 0
+    masks: int = 0  # boxes that carry the annotator's mask
     train_images: int = 0
     val_images: int = 0
     eval_split: str = "val"  # "train" when too few tasks to hold some out
@@ -51,6 +58,7 @@ class DatasetSummary:
             "path": str(self.path),
             "tasks": self.tasks,
             "boxes": self.boxes,
+            "masks": self.masks,
             "train_images": self.train_images,
             "val_images": self.val_images,
             "eval_split": self.eval_split,
@@ -126,12 +134,14 @@ def build_box_dataset(
             boxes.append(([x0, y0, x1 - x0, y1 - y0], category))
         if not boxes:
             continue
+        boxes = _with_masks(boxes, masks_in(ann.get("result"), w, h, config.image_name))
         name = f"task_{tid}.png"
         Image.fromarray(image).save(out / "images" / name, compress_level=1)
         samples.append((tid, name, w, h, boxes))
 
     summary.tasks = len(samples)
     summary.boxes = sum(len(s[4]) for s in samples)
+    summary.masks = sum(1 for s in samples for b in s[4] if b[2] is not None)
     val = [s for s in samples if _held_out(s[0], val_fraction)] if len(samples) >= MIN_TASKS_FOR_VAL else []
     if len(val) < MIN_VAL_TASKS or len(val) == len(samples):
         val, summary.eval_split = [], "train"
@@ -144,12 +154,35 @@ def build_box_dataset(
     return summary
 
 
+def _with_masks(boxes: list, masks: list) -> list:
+    """``[(bbox xywh, category)]`` -> ``[(bbox, category, COCO RLE or None)]``: each mask
+    goes with the free box that its own box overlaps most (IoU >= 0.5), best pairs first."""
+    from pycocotools import mask as mask_utils
+
+    if not masks:
+        return [(bbox, category, None) for bbox, category in boxes]
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+    mask_boxes = mask_utils.toBbox(rles).tolist()
+    ious = mask_utils.iou(mask_boxes, [b for b, _ in boxes], [0] * len(boxes))
+    pairs = sorted(((float(ious[i, j]), i, j) for i in range(len(masks)) for j in range(len(boxes))), reverse=True)
+    by_box: dict[int, dict] = {}
+    used: set[int] = set()
+    for iou, i, j in pairs:
+        if iou < 0.5:
+            break
+        if i not in used and j not in by_box:
+            used.add(i)
+            by_box[j] = {"size": rles[i]["size"], "counts": rles[i]["counts"].decode("ascii")}
+    return [(bbox, category, by_box.get(j)) for j, (bbox, category) in enumerate(boxes)]
+
+
 def _write_coco(path: Path, samples: list, categories: list[dict]) -> None:
     images, annotations = [], []
     for k, (tid, name, w, h, boxes) in enumerate(samples, start=1):
         images.append({"id": k, "file_name": name, "width": w, "height": h, "label_studio_task": tid})
-        for bbox, category in boxes:
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": k, "category_id": category, "bbox": [round(v, 3) for v in bbox], "area": bbox[2] * bbox[3], "iscrowd": 0}
-            )
+        for bbox, category, segmentation in boxes:
+            ann = {"id": len(annotations) + 1, "image_id": k, "category_id": category, "bbox": [round(v, 3) for v in bbox], "area": bbox[2] * bbox[3], "iscrowd": 0}
+            if segmentation is not None:
+                ann["segmentation"] = segmentation
+            annotations.append(ann)
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))

@@ -1,4 +1,4 @@
-"""Learning from annotators' boxes: export, fine-tune with BoxTeacher, evaluate, hot-swap.
+"""Learning from annotators' boxes: export, fine-tune with BoxTeacher, evaluate, promote.
 
 A training run (``START_TRAINING`` from Label Studio's "Start Training", or every N new
 annotations when configured) runs in a background thread, so the webhook answers at once:
@@ -9,20 +9,29 @@ annotations when configured) runs in a background thread, so the webhook answers
 2. **train**: ``training.train.Trainer`` with the served checkpoint's own config and
    ``method=boxteacher``, ``model.weights=<served checkpoint>``, ``solver.max_iter=N``
    (plus ``train_overrides``); boxes are the only supervision;
-3. **evaluate**: box AP (COCO bbox, percent) of the old and the new model on the held-out
-   tasks (or the training tasks when there are too few, said in the result);
-4. **swap**: the new checkpoint is loaded and replaces the served model; the generation
-   in ``model_version`` goes up, so Label Studio predicts again.
+3. **evaluate**: the old and the new model on the held-out tasks (or the training tasks
+   when there are too few, said in the result): box AP (COCO bbox, percent) of their
+   detections and, where the annotators drew masks (or accepted brush predictions), the
+   mean IoU of the masks they give for the annotators' boxes as prompts;
+4. **promote** (:func:`not_worse`): the new checkpoint replaces the served model only when
+   it is not worse on both numbers (box AP down by at most ``train_promote_ap_tolerance``
+   points, mask IoU by at most ``train_promote_iou_tolerance``; a number not measured on
+   both models does not count); then the generation in ``model_version`` goes up, so Label
+   Studio predicts again. Otherwise the previous model keeps serving and the new
+   checkpoint stays on disk as the run's ``candidate``. Override: ``train_promote=always``,
+   or ``"force": true`` in the START_TRAINING request.
 
-Any failure leaves the old model serving; the error is in ``status()``. The state (which
-checkpoint is current, its generation, the last result) is kept in
-``WORK_DIR/state.json``, so a restart serves the fine-tuned model again.
+Both evaluations, the decision and its reason are in ``status()`` (``/health``) and in the
+log. Any failure leaves the old model serving; the error is in ``status()``. The state
+(which checkpoint is current, its generation, the last result) is kept in
+``WORK_DIR/state.json``, so a restart serves the promoted model again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import traceback
@@ -97,11 +106,12 @@ class TrainingManager:
                 return self.start(project, reason=f"{self.annotations_since} new annotations")
             return {"status": "ok", "annotations_since_training": self.annotations_since}
         if action == "START_TRAINING":
-            return self.start(project, reason="START_TRAINING")
+            return self.start(project, reason="START_TRAINING", force=payload.get("force") is True)
         return {"status": "ok"}
 
-    def start(self, project: dict, reason: str) -> dict:
-        """Start a run in the background for ``project`` (the webhook's project object)."""
+    def start(self, project: dict, reason: str, force: bool = False) -> dict:
+        """Start a run in the background for ``project`` (the webhook's project object);
+        ``force``: promote its model even when it is worse."""
         why_not = self.available()
         if why_not:
             log.warning("training not started: %s", why_not)
@@ -114,8 +124,11 @@ class TrainingManager:
             if self._thread is not None and self._thread.is_alive():
                 return {"status": "already_training", "training": dict(self.current or {})}
             self.annotations_since = 0
-            self.current = {"stage": "starting", "project": project_id, "reason": reason, "started_at": time.time(), "iteration": 0, "iterations": self.settings.train_iters}
-            self._thread = threading.Thread(target=self._run, args=(int(project_id), label_config), name="labelstudio-fit", daemon=True)
+            self.current = {
+                "stage": "starting", "project": project_id, "reason": reason, "force": force, "started_at": time.time(),
+                "iteration": 0, "iterations": self.settings.train_iters,
+            }  # fmt: skip
+            self._thread = threading.Thread(target=self._run, args=(int(project_id), label_config, force), name="labelstudio-fit", daemon=True)
             self._thread.start()
         log.info("training started for project %s (%s)", project_id, reason)
         return {"status": "training_started", "project": project_id}
@@ -127,10 +140,21 @@ class TrainingManager:
             t.join(timeout)
         return t is None or not t.is_alive()
 
+    def promotion_rule(self) -> str:
+        s = self.settings
+        if s.train_promote == "always":
+            return "always (train_promote=always)"
+        return (
+            f"if not worse on the held-out tasks: box AP down by at most {s.train_promote_ap_tolerance:g} points and "
+            f"box-prompted mask IoU (where annotators drew masks) down by at most {s.train_promote_iou_tolerance:g}"
+        )
+
     def status(self) -> dict:
         running = self._thread is not None and self._thread.is_alive()
         return {
             "running": running,
+            "serving": {"model_version": self.holder.model_version, "generation": self.holder.generation, "checkpoint": str(self.holder.path) if self.holder.path else None},
+            "promotion_rule": self.promotion_rule(),
             "current": dict(self.current) if running and self.current else None,
             "last": self.last,
             "runs": self.runs,
@@ -145,11 +169,11 @@ class TrainingManager:
             self.current.update(stage=stage, **extra)
         log.info("training: %s %s", stage, extra or "")
 
-    def _run(self, project_id: int, label_config: str) -> None:
+    def _run(self, project_id: int, label_config: str, force: bool = False) -> None:
         started = time.time()
         old_version = self.holder.model_version
         try:
-            result = self._train(project_id, label_config)
+            result = self._train(project_id, label_config, force)
             result.update(status="ok", old_model_version=old_version, new_model_version=self.holder.model_version)
             self.runs += 1
         except Exception as err:  # noqa: BLE001 - any failure keeps the old model serving
@@ -163,7 +187,7 @@ class TrainingManager:
         write_state(self.work_dir, state)
         self.current = None
 
-    def _train(self, project_id: int, label_config: str) -> dict:
+    def _train(self, project_id: int, label_config: str, force: bool = False) -> dict:
         import torch
 
         from labelstudio_backend.dataset import build_box_dataset
@@ -229,26 +253,36 @@ class TrainingManager:
         # 3. evaluate, old and new, on the same images
         self._stage("evaluating")
         split = "val" if summary.eval_split == "val" else "train"
-        before = _box_ap(current, run_dir / "data", split, device)
-        after = _box_ap(final, run_dir / "data", split, device)
+        before = evaluate_checkpoint(current, run_dir / "data", split, device, s.branch)
+        after = evaluate_checkpoint(final, run_dir / "data", split, device, s.branch)
 
-        # 4. hot-swap
-        self._stage("swapping")
-        predictor = load_predictor(final, s.device, s.branch, int(s.encoding_cache_mb * 1024 * 1024))
-        self.holder.swap(predictor, generation)
+        # 4. promote, or keep the old model
+        better, why = not_worse(before, after, s.train_promote_ap_tolerance, s.train_promote_iou_tolerance)
+        forced = not better and (force or s.train_promote == "always")
         state = read_state(self.work_dir)
-        state.update(base_model=str(self.base_model) if self.base_model else None, current=str(final), generation=generation)
+        if better or forced:
+            self._stage("swapping")
+            predictor = load_predictor(final, s.device, s.branch, int(s.encoding_cache_mb * 1024 * 1024))
+            self.holder.swap(predictor, generation)
+            state.update(base_model=str(self.base_model) if self.base_model else None, current=str(final), generation=generation)
+            state.pop("candidate", None)
+            log.info("training done: model %s promoted%s on %s: %s", self.holder.model_version, " (forced)" if forced else "", split, why)
+        else:
+            state["candidate"] = str(final)
+            log.warning("training done: %s kept serving, the new model is not promoted on %s: %s (candidate: %s)", self.holder.model_version, split, why, final)
         write_state(self.work_dir, state)
-        log.info("training done: model %s (box AP %s -> %s on %s)", self.holder.model_version, before, after, split)
         return {
+            "promoted": better or forced,
+            "forced": forced,
+            "decision": why,
             "checkpoint": str(final),
             "iterations": n,
             "first_loss": round(losses[0], 4) if losses else None,
             "last_loss": round(losses[-1], 4) if losses else None,
             "dataset": summary.as_dict(),
             "eval_split": split,
-            "box_ap_before": before,
-            "box_ap_after": after,
+            "eval_before": before,
+            "eval_after": after,
         }
 
     def _export(self, project_id: int) -> list[dict]:
@@ -264,13 +298,75 @@ class TrainingManager:
         return tasks
 
 
-def _box_ap(checkpoint: Path, data_dir: Path, split: str, device: str) -> dict:
-    """COCO box AP / AP50 (percent) of a checkpoint's default branch on a dataset split."""
+def not_worse(before: dict, after: dict, ap_tolerance: float = 0.0, iou_tolerance: float = 0.0) -> tuple[bool, str]:
+    """The promotion rule: (is the new model not worse than the old one, why).
+
+    ``before``, ``after``: :func:`evaluate_checkpoint` of the old and the new model on the
+    same images. Not worse = box AP ``>= old - ap_tolerance`` and, when both have a mask
+    IoU (the images carry annotators' masks), mask IoU ``>= old - iou_tolerance``. A NaN
+    counts as worse. When the old model's box AP is not comparable (the labels gained a
+    class it does not have), the new model is needed and counts as not worse.
+    """
+    if before.get("AP") is None:
+        return True, "the old model cannot be compared (the labels gained classes it lacks)"
+    checks = [("box AP", before["AP"], after.get("AP"), ap_tolerance, "{:.2f}")]
+    if before.get("mask_iou") is not None and after.get("mask_iou") is not None:
+        checks.append(("mask IoU", before["mask_iou"], after["mask_iou"], iou_tolerance, "{:.3f}"))
+    worse, said = [], []
+    for name, old, new, tolerance, fmt in checks:
+        ok = new is not None and math.isfinite(new) and new >= old - tolerance
+        said.append(f"{name} {fmt.format(old)} -> {'none' if new is None else fmt.format(new)}")
+        if not ok:
+            worse.append(name)
+    if worse:
+        return False, f"worse {' and '.join(worse)}: " + ", ".join(said)
+    return True, "not worse: " + ", ".join(said)
+
+
+def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, device: str, branch: str | None = None) -> dict:
+    """:func:`_box_ap` and :func:`_prompted_mask_iou` of a checkpoint's ``branch`` (the one
+    served) on a dataset split."""
+    return {**_box_ap(checkpoint, data_dir, split, device, branch), **_prompted_mask_iou(checkpoint, data_dir, split, device, branch)}
+
+
+def _prompted_mask_iou(checkpoint: Path, data_dir: Path, split: str, device: str, branch: str | None = None) -> dict:
+    """Mean IoU between the annotators' masks and the masks the checkpoint gives for their
+    boxes as prompts (what an annotator gets from a rectangle), over the split's boxes
+    that carry a mask; ``mask_iou`` None when none does."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from serving.runtime import load_predictor
+    from training.data.coco import CocoInstances
+
+    dataset = CocoInstances(data_dir, split)
+    coco = dataset.coco
+    predictor = None
+    ious = []
+    for image_id in dataset.image_ids:
+        anns = [a for a in coco.imgToAnns.get(image_id, []) if a.get("segmentation") and not a.get("iscrowd")]
+        if not anns:
+            continue
+        image = dataset.try_load(image_id)
+        if image is None:
+            continue
+        predictor = predictor or load_predictor(checkpoint, device, branch)
+        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=np.float32)
+        (instances,) = predictor.predict([image.permute(1, 2, 0).numpy()], boxes=[boxes], use_cache=False)
+        for inst, ann in zip(instances, anns):
+            true = mask_utils.decode(coco.annToRLE(ann)).astype(bool)
+            union = np.logical_or(inst.mask, true).sum()
+            ious.append(float(np.logical_and(inst.mask, true).sum() / union) if union else 1.0)
+    return {"mask_iou": round(float(np.mean(ious)), 4) if ious else None, "masks": len(ious)}
+
+
+def _box_ap(checkpoint: Path, data_dir: Path, split: str, device: str, branch: str | None = None) -> dict:
+    """COCO box AP / AP50 (percent) of a checkpoint's ``branch`` (None: its default) on a dataset split."""
     from training.checkpoint import load_model
     from training.data.coco import CocoInstances
     from training.evaluate import coco_metrics, predict_dataset
 
-    model, cfg = load_model(checkpoint, device=device)
+    model, cfg = load_model(checkpoint, branch, device=device)
     dataset = CocoInstances(data_dir, split, class_agnostic=bool(cfg.data.class_agnostic))
     if len(dataset.class_names) != cfg.model.num_classes and not cfg.data.class_agnostic:
         return {"AP": None, "AP50": None, "note": "the classes changed (new labels); not comparable"}

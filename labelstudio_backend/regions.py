@@ -142,6 +142,30 @@ def rectangles_in(results: Sequence[dict] | None, width: int, height: int, to_na
     return rects
 
 
+def masks_in(results: Sequence[dict] | None, width: int, height: int, to_name: str | None = None) -> list[np.ndarray]:
+    """The non-empty masks of the ``brushlabels`` items (brush RLE) of a result list, as
+    (height, width) bool arrays; items on another image, of another size or that do not
+    decode are skipped."""
+    masks = []
+    for item in results or []:
+        if not isinstance(item, dict) or item.get("type") != "brushlabels":
+            continue
+        if to_name is not None and item.get("to_name") not in (None, to_name):
+            continue
+        value = item.get("value") or {}
+        if value.get("format") != "rle" or not value.get("rle"):
+            continue
+        if (item.get("original_width", width), item.get("original_height", height)) != (width, height):
+            continue
+        try:
+            mask = rle_to_mask(value["rle"], width, height)
+        except (ValueError, TypeError):
+            continue
+        if mask.any():
+            masks.append(mask)
+    return masks
+
+
 def has_rectangles(results: Sequence[dict] | None) -> bool:
     return any(isinstance(r, dict) and r.get("type") in ("rectanglelabels", "rectangle") for r in results or [])
 

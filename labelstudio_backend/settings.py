@@ -85,6 +85,11 @@ class BackendSettings(BaseSettings):
     train_min_tasks: int = Field(1, ge=1)  # tasks with rectangles needed to train
     train_val_fraction: float = Field(0.2, ge=0, lt=1)  # annotated tasks held out to evaluate (>= 5 tasks needed)
     train_device: str | None = None  # None: the serving device
+    # a fine-tuned model replaces the served one only when it is not worse on the held-out tasks
+    # (box AP, and box-prompted mask IoU where annotators drew masks; docs/labelstudio.md); "always": every time
+    train_promote: Literal["if_not_worse", "always"] = "if_not_worse"
+    train_promote_ap_tolerance: float = Field(0.0, ge=0)  # box AP points (0-100) a new model may lose and still count as not worse
+    train_promote_iou_tolerance: float = Field(0.0, ge=0)  # the same for the box-prompted mask IoU (0-1)
     train_overrides: Annotated[list[str], NoDecode] = []  # extra dotted config overrides for the fine-tuning, e.g. ["solver.base_lr=0.001"]
     resume_trained: bool = True  # on start, serve the last fine-tuned model of this --model if the work dir has one
 

@@ -587,8 +587,11 @@ class _Settings:
         self.s = BackendSettings(**base)
 
 
-def synthetic_export(dataset: Path, n: int = 4, label="disc") -> list[dict]:
-    """Label Studio JSON export of n synthetic images (data: URLs), each object a rectangle."""
+def synthetic_export(dataset: Path, n: int = 4, label="disc", brushes: bool = False) -> list[dict]:
+    """Label Studio JSON export of n synthetic images (data: URLs), each object a rectangle
+    (and with ``brushes`` its true mask as a brush, as if the annotator accepted it)."""
+    from pycocotools import mask as mask_utils
+
     coco = json.loads((dataset / "annotations" / "train.json").read_text())
     tasks = []
     for img in coco["images"][:n]:
@@ -599,6 +602,8 @@ def synthetic_export(dataset: Path, n: int = 4, label="disc") -> list[dict]:
             if a["image_id"] == img["id"]:
                 x, y, bw, bh = a["bbox"]
                 result.append(rect(x / w * 100, y / h * 100, bw / w * 100, bh / h * 100, label=label, rid=str(a["id"])))
+                if brushes:
+                    result.append(brush_result(mask_utils.decode(a["segmentation"]), label, 1.0, "mask", "image", w, h, rid=f"m{a['id']}"))
         tasks.append({"id": img["id"], "data": {"image": "data:image/png;base64," + base64.b64encode(raw).decode()}, "annotations": [{"id": img["id"], "result": result}]})
     return tasks
 
@@ -617,6 +622,72 @@ def test_box_dataset_from_export(synthetic_dataset, tmp_path, config):
     # an unknown label becomes a new class after the model's
     summary = build_box_dataset(synthetic_export(synthetic_dataset, 2, label="Person"), config, ["car"], ImageFetcher(), tmp_path / "e")
     assert summary.class_names == ["car", "Person"] and summary.new_labels == ["Person"] and summary.eval_split == "train"
+
+
+def test_annotators_masks_go_with_their_boxes(synthetic_dataset, tmp_path, config):
+    from labelstudio_backend.dataset import build_box_dataset
+
+    tasks = synthetic_export(synthetic_dataset, 3, label="Car", brushes=True)
+    tasks[0]["annotations"][0]["result"] = [r for r in tasks[0]["annotations"][0]["result"] if r["type"] != "brushlabels"]
+    summary = build_box_dataset(tasks, config, ["car"], ImageFetcher(), tmp_path / "d")
+    truth = json.loads((synthetic_dataset / "annotations" / "train.json").read_text())
+    first = {a["id"] for a in truth["annotations"] if a["image_id"] == truth["images"][0]["id"]}
+    assert summary.masks == summary.boxes - len(first) > 0  # every brush found its box; task 0 has none
+    written = json.loads((tmp_path / "d" / "annotations" / "train.json").read_text())
+    true_masks = [a["segmentation"] for a in truth["annotations"] if a["image_id"] in {im["id"] for im in truth["images"][1:3]}]
+    assert [a["segmentation"] for a in written["annotations"] if "segmentation" in a] == true_masks  # each mask with its own box
+
+
+def test_promotion_rule():
+    from labelstudio_backend.fit import not_worse
+
+    assert not_worse({"AP": 10.0}, {"AP": 10.0})[0] and not not_worse({"AP": 10.0}, {"AP": 9.9})[0]
+    assert not_worse({"AP": 10.0}, {"AP": 9.5}, ap_tolerance=0.5)[0]
+    ok, why = not_worse({"AP": 10.0, "mask_iou": 0.8}, {"AP": 12.0, "mask_iou": 0.7})
+    assert not ok and why.startswith("worse mask IoU") and "box AP 10.00 -> 12.00" in why
+    assert not_worse({"AP": 10.0, "mask_iou": 0.8}, {"AP": 12.0, "mask_iou": 0.75}, iou_tolerance=0.05)[0]
+    assert not_worse({"AP": 10.0, "mask_iou": None}, {"AP": 10.0, "mask_iou": 0.1})[0]  # measured on one side only
+    assert not not_worse({"AP": 0.0}, {"AP": float("nan")})[0]
+    assert not_worse({"AP": None}, {"AP": 0.0})[0]  # new classes: the old model cannot serve them
+
+
+def test_a_worse_fine_tune_is_not_promoted_unless_forced(synthetic_dataset, tmp_path, caplog):
+    """One iteration at a huge learning rate wrecks the model: the old one keeps serving,
+    both evaluations and the reason are in /health's training status and in the log; a
+    START_TRAINING with "force": true promotes it all the same."""
+    from labelstudio_backend.fit import TrainingManager, read_state
+    from serving.runtime import load_predictor
+    from conftest import tiny_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "base.pth", tiny_config(2, ["class_names=[disc, square]"]))
+    holder = ModelHolder(load_predictor(ckpt))
+    settings = _Settings(tmp_path / "work", train_base_lr=1000.0, branch="student").s  # the EMA teacher would move 1 %
+    manager = TrainingManager(holder, ImageFetcher(), settings, ckpt.resolve())
+    manager._export = lambda project_id: synthetic_export(synthetic_dataset, 3, brushes=True)
+    before = holder.model_version
+    xml = XML.replace('<Label value="Car"/>', '<Label value="disc"/>')
+    project = {"id": 1, "label_config": xml}
+
+    with caplog.at_level("INFO", logger="labelstudio_backend.fit"):
+        assert manager.on_event("START_TRAINING", {"project": project})["status"] == "training_started"
+        assert manager.wait(600)
+    status = manager.status()
+    last = status["last"]
+    assert last["status"] == "ok" and not last["promoted"] and not last["forced"], last
+    assert last["decision"].startswith("worse") and last["dataset"]["masks"] > 0
+    assert last["eval_before"]["mask_iou"] is not None and last["eval_after"]["mask_iou"] is not None
+    assert holder.model_version == before and holder.generation == 0 and status["serving"]["model_version"] == before
+    assert "if not worse" in status["promotion_rule"]
+    assert read_state(settings.work_dir)["candidate"] == last["checkpoint"] and "current" not in read_state(settings.work_dir)
+    assert any("not promoted" in r.getMessage() and last["decision"] in r.getMessage() for r in caplog.records)
+
+    assert manager.on_event("START_TRAINING", {"project": project, "force": True})["status"] == "training_started"
+    assert manager.wait(600)
+    last = manager.status()["last"]
+    print(last["decision"])  # pytest -s: the numbers of this test's worse fine-tune
+    assert last["promoted"] and last["forced"] and last["decision"].startswith("worse"), last
+    assert holder.model_version != before and holder.generation == 1
+    assert read_state(settings.work_dir)["current"] == last["checkpoint"]
 
 
 def test_failed_training_keeps_the_old_model(tiny_checkpoint, tmp_path):
@@ -646,7 +717,7 @@ def test_training_swaps_the_model_and_bumps_the_version(synthetic_dataset, tmp_p
 
     ckpt = write_checkpoint(tmp_path / "base.pth", tiny_config(2, ["class_names=[disc, square]"]))
     holder = ModelHolder(load_predictor(ckpt))
-    settings = _Settings(tmp_path / "work").s
+    settings = _Settings(tmp_path / "work", train_promote="always").s  # this test is about the swap, not the rule
     manager = TrainingManager(holder, ImageFetcher(), settings, ckpt.resolve())
     manager._export = lambda project_id: synthetic_export(synthetic_dataset, 3)
     before = holder.model_version
@@ -657,7 +728,7 @@ def test_training_swaps_the_model_and_bumps_the_version(synthetic_dataset, tmp_p
     last = manager.status()["last"]
     assert last["status"] == "ok", last
     assert holder.model_version != before and holder.generation == 1 and last["new_model_version"] == holder.model_version
-    assert last["dataset"]["tasks"] == 3 and last["box_ap_after"]["AP"] is not None
+    assert last["dataset"]["tasks"] == 3 and last["eval_after"]["AP"] is not None
     # a restart with the same --model serves the fine-tuned checkpoint
     settings.model = ckpt
     restored = load_holder(settings)
@@ -715,7 +786,7 @@ def test_training_after_every_n_annotations(tmp_path):
 
     manager = TrainingManager(ModelHolder(FakePredictor()), ImageFetcher(), _Settings(tmp_path, train_every_n_annotations=2).s)
     started = []
-    manager.start = lambda project, reason: started.append(reason) or {"status": "training_started"}
+    manager.start = lambda project, reason, force=False: started.append(reason) or {"status": "training_started"}
     assert manager.on_event("ANNOTATION_CREATED", {"project": {"id": 1}})["annotations_since_training"] == 1
     assert manager.on_event("ANNOTATION_UPDATED", {"project": {"id": 1}}) == {"status": "training_started"}
     assert started == ["2 new annotations"]

@@ -305,7 +305,7 @@ def test_training_swaps_model_and_predictions_refresh(backend, project):
         assert time.monotonic() < deadline, f"training did not finish: {h['training']}"
         time.sleep(2)
     assert last["status"] == "ok", f"{last}\n{backend['log'].read_text()[-3000:]}"
-    print(f"training: {time.perf_counter() - started:.1f} s, {last['dataset']}, box AP {last['box_ap_before']} -> {last['box_ap_after']}")
+    print(f"training: {time.perf_counter() - started:.1f} s, {last['dataset']}, box AP {last['eval_before']} -> {last['eval_after']}, promoted {last['promoted']}")
     after = h["model_version"]
     assert after != before and last["new_model_version"] == after and last["dataset"]["tasks"] == 4
     assert ls.ml.get(id=backend["ml"].id).model_version == after  # Label Studio read it through /setup
