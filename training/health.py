@@ -189,8 +189,9 @@ class CollapseDetector:
             return None
         self.fired = (
             f"mask head collapse at iteration {iteration}: " + "; ".join(found) + f" for {self.patience} log periods in a row. "
-            "Box-supervised training from scratch needs the detector/mask gradient split (model.mask.grad_to_detector) "
-            "and bounded mask logits (docs/training.md, 'Box supervision from scratch')."
+            "The switches against it (model.mask.controller_grad_scale/branch_grad_scale, boxinst.outside_weight, "
+            "boxinst.projection_bce_weight, boxinst.projection_in_image) are in docs/method.md, 'Box supervision from scratch: "
+            "what we added'; with them on it can still happen (docs/results.md)."
         )
         log.warning(self.fired)
         return self.fired
