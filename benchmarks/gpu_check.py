@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(batch, 3, h, w, device="cuda").contiguous(memory_format=memory_format)
 
             @torch.inference_mode()
-            def run():
+            def run(x=x, batch=batch, dtype=dtype):
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                     head, feats = net(x)
                     model.detect(head, feats, [(h, w)] * batch)
@@ -157,7 +157,7 @@ def _exported(report: dict, model, cfg, h: int, w: int, args) -> None:
                 engine = build_engine(onnx_path, Path(tmp) / f"r50.{precision}.engine", precision=precision)
                 m = TensorRTModel(engine)
                 xt = torch.from_numpy(x).cuda()
-                report["rows"].append(_row(f"tensorrt {precision}", 1, _times(lambda: m.encode(xt, size), args.iters, args.warmup, torch.cuda.synchronize)))
+                report["rows"].append(_row(f"tensorrt {precision}", 1, _times(lambda m=m, xt=xt: m.encode(xt, size), args.iters, args.warmup, torch.cuda.synchronize)))
 
 
 if __name__ == "__main__":

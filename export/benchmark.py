@@ -7,8 +7,8 @@ beforehand and not timed. ONNX Runtime and TensorRT times include copying the
 outputs to the host. Ratios are to eager PyTorch on the same device.
 
 The encoder graph is timed (the image part; box prompts are timed by ``boxteacher benchmark
-serve``). Wiring: ``boxteacher benchmark infer`` (``add_infer_arguments(parser)`` +
-``parser.set_defaults(func=run_infer_benchmark)``).
+serve``). ``boxteacher benchmark infer`` comes from :func:`register` (entry point group
+``boxteacher.benchmarks`` in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def synthetic_inputs(n: int, hw: tuple[int, int], seed: int = 0) -> list:
 
 def folder_inputs(folder: str | Path, spec, n: int) -> list:
     """Up to ``n`` images of a folder, pre-processed for ``spec`` (an InputSpec)."""
-    import torch
 
     from export.check import prepare_image
     from export.tensorrt_build import IMAGE_SUFFIXES
@@ -89,7 +89,7 @@ def folder_inputs(folder: str | Path, spec, n: int) -> list:
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:
         raise FileNotFoundError(f"no images in {folder}")
-    return [prepare_image(load_image(f).as_subclass(torch.Tensor), spec) for f in files]
+    return [prepare_image(load_image(f), spec) for f in files]
 
 
 def benchmark_inference(
@@ -173,7 +173,7 @@ def benchmark_inference(
     times: list[list[float]] = [[] for _ in contenders]
     for i in range(iters):
         for j, (_, _, fn, sync) in enumerate(contenders):
-            times[j] += time_calls(lambda _i, fn=fn: fn(i), 1, 0, sync)
+            times[j] += time_calls(lambda _i, fn=fn, i=i: fn(i), 1, 0, sync)
     rows = [_summary(name, dev, t) for (name, dev, _, _), t in zip(contenders, times)]
     for row in rows:
         base = next(r for r in rows if r["runtime"] == "pytorch-eager" and r["device"] == row["device"])
@@ -206,6 +206,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['runtime']} | {r['device']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['images_per_s']:.2f} | {r['speedup_vs_eager']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def register(bench: argparse._SubParsersAction) -> None:
+    """``boxteacher benchmark infer`` (entry point group ``boxteacher.benchmarks``)."""
+    p = bench.add_parser("infer", help="latency of eager PyTorch vs ONNX Runtime (vs TensorRT)")
+    add_infer_arguments(p)
+    p.set_defaults(func=run_infer_benchmark)
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:

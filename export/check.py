@@ -278,14 +278,13 @@ def check_parity(
     prompt_det_abs = 0.0
     for i in range(n):
         image, target = dataset[i]
-        image = image.as_subclass(torch.Tensor)
         image_id = int(target["image_id"])
         if image_id in ids:
             continue
         ids.append(image_id)
         batch, hw = prepare_image(image, spec)
         scale = torch.tensor([hw[1] / image.shape[-1], hw[0] / image.shape[-2]] * 2)
-        boxes = (target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4) * scale).numpy()
+        boxes = (target["boxes"].float().reshape(-1, 4) * scale).numpy()
         exported = exported_outputs(exported_model, batch.numpy(), hw, boxes)
         eager = eager_outputs(model, batch, hw, torch.from_numpy(boxes), k, thr)
         r = compare_outputs(exported, eager, cfg.model.mask.threshold)

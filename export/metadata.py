@@ -14,11 +14,12 @@ Only the standard library at import time (``onnx`` when reading or writing a gra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from training.files import file_sha256
 
 # ---- the graph contract -------------------------------------------------------------------------
 ENCODER_INPUTS = ("images", "image_size")
@@ -102,7 +103,7 @@ class ExportMetadata:
             self.fixed_hw,
         )
 
-    def replace(self, **changes: Any) -> "ExportMetadata":
+    def replace(self, **changes: Any) -> ExportMetadata:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class ExportMetadata:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "the metadata") -> "ExportMetadata":
+    def from_dict(cls, values: dict[str, Any], source: str = "the metadata") -> ExportMetadata:
         """The inverse of :meth:`to_dict`; unknown keys go to ``extra``. Raises ValueError naming
         the missing keys (a graph that was not written by :func:`write_onnx_metadata`)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -122,14 +123,6 @@ class ExportMetadata:
             raise ValueError(f"{source} lacks the boxteacher export metadata {missing}; export it again with 'boxteacher export onnx'")
         known = {k: v for k, v in values.items() if k in names}
         return cls(**known, extra={k: v for k, v in values.items() if k not in names})
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- writing -----------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ Only ``onnx`` (metadata) and ``onnxruntime`` (running) are needed here, not torc
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from export.metadata import ExportMetadata, prompt_path, read_onnx_metadata, sidecar_path, write_engine_sidecar
 
@@ -179,7 +179,7 @@ def _make_calibrator(trt, files: list[Path], meta: ExportMetadata, opt_hw: tuple
         def get_batch(self, names):
             if self.index >= len(files):
                 return None
-            image = load_image(files[self.index]).as_subclass(torch.Tensor)
+            image = load_image(files[self.index])
             self.index += 1
             batch, sizes = batch_to_spec([resize_to_spec(image, spec)], spec)
             feeds = {"images": batch.contiguous(), "image_size": torch.tensor(sizes[0], dtype=torch.int64)}

@@ -265,7 +265,7 @@ class BasicAuthMiddleware:
 
     def __init__(self, app, user: str, password: str):
         self.app = app
-        self.expected = f"{user}:{password}".encode("utf-8")
+        self.expected = f"{user}:{password}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not self._ok(dict(scope.get("headers") or []).get(b"authorization", b"")):

@@ -127,7 +127,7 @@ class LabelStudioServer:
         )
         return env
 
-    def start(self) -> "LabelStudioServer":
+    def start(self) -> LabelStudioServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
         cmd = [str(self.exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port), "--enable-legacy-api-token", "--log-level", "WARNING"]
@@ -161,7 +161,7 @@ class LabelStudioServer:
                 pass
             p.wait(timeout=10)
 
-    def __enter__(self) -> "LabelStudioServer":
+    def __enter__(self) -> LabelStudioServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

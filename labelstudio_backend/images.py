@@ -63,7 +63,7 @@ class Origin:
     port: int
 
     @classmethod
-    def of(cls, url: str) -> "Origin":
+    def of(cls, url: str) -> Origin:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
@@ -259,7 +259,7 @@ class ImageFetcher:
         self.cache = ImageCache(cache_max_bytes, cache_ttl_s)
 
     @classmethod
-    def from_settings(cls, s) -> "ImageFetcher":
+    def from_settings(cls, s) -> ImageFetcher:
         return cls(
             s.label_studio_url,
             s.api_key,

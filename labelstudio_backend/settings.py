@@ -124,7 +124,7 @@ class BackendSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "BackendSettings":
+    def _check(self) -> BackendSettings:
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.model is not None and self.server_url is not None:

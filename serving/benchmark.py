@@ -92,7 +92,7 @@ class _ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.TemporaryFile()
 
-    def __enter__(self) -> "_ServerProcess":
+    def __enter__(self) -> _ServerProcess:
         import httpx
 
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -402,12 +402,12 @@ def prompt_latency(
     predictor = load_predictor(model, device)
     runtime = predictor.runtime
     predictor.warm_up()
-    per_size(lambda im, b: predictor.predict([im], boxes=[b]), "in process", "on")
+    per_size(lambda im, b, p=predictor: p.predict([im], boxes=[b]), "in process", "on")
     rss_in_process = peak_rss_mb()
     if cache_off:
         predictor.cache.max_bytes = 0  # from now on nothing is cached: every box encodes its image
         predictor.cache.clear()
-        per_size(lambda im, b: predictor.predict([im], boxes=[b]), "in process", "off")
+        per_size(lambda im, b, p=predictor: p.predict([im], boxes=[b]), "in process", "off")
     predictor.close()
     del predictor
     server_rss = None
@@ -483,6 +483,13 @@ def random_models(recipe: str, workdir: str | Path, overrides: list[str] | None 
 
 
 # ---- CLI wiring (the benchmark command group calls these) -----------------------------------------
+def register(bench: argparse._SubParsersAction) -> None:
+    """``boxteacher benchmark serve`` (entry point group ``boxteacher.benchmarks``)."""
+    p = bench.add_parser("serve", help="HTTP throughput/latency vs the bare predictor")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``boxteacher benchmark serve``."""
     p.add_argument("--model", default=None, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine)")

@@ -38,7 +38,7 @@ class LocalServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self.thread.start()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:

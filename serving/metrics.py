@@ -4,7 +4,6 @@ one process, e.g. in tests), and the ASGI middleware that records every request.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest

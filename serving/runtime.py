@@ -101,7 +101,7 @@ def _per_image(value: PerImage, n: int, what: str) -> list:
 
 def file_version(path: str | Path) -> str:
     """First 12 hex digits of the file's SHA-256: the model version when none is stored."""
-    from export.metadata import file_sha256
+    from training.files import file_sha256
 
     return file_sha256(path)[:12]
 

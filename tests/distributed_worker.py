@@ -38,18 +38,15 @@ FIXED = SMALL + ["method=boxteacher", "boxteacher.strong_augmentation=none", "so
 
 def mirrored_pair(data_dir: str | Path):
     """Image 0 of the train split at its own size, and its horizontal mirror, with targets."""
-    from torchvision import tv_tensors
-
     from training.data.coco import CocoInstances
 
     image, target = CocoInstances(data_dir, "train")[0]
-    image = image.as_subclass(torch.Tensor)
     h, w = image.shape[-2:]
-    boxes = target["boxes"].as_subclass(torch.Tensor).float()
+    boxes = target["boxes"].float()
     flipped = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
 
     def tgt(b):
-        return {"boxes": tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=(h, w)), "labels": target["labels"].clone(), "image_id": 1, "orig_size": (h, w)}
+        return {"boxes": b, "labels": target["labels"].clone(), "image_id": 1, "orig_size": (h, w)}
 
     return [image, image.flip(-1)], [tgt(boxes), tgt(flipped)]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import AUTHORS_FIXTURE
 from PIL import Image
 
-from conftest import AUTHORS_FIXTURE
 from training.convert import ConversionError, authors_config, convert_authors_checkpoint, convert_state, map_key, read_authors_state
 from training.model.condinst import build_model
 from training.model.fcos import decode_detections

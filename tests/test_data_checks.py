@@ -21,8 +21,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from training.cli import main
 from training.data.checks import KINDS, DataError, check_split
 from training.data.coco import CocoInstances

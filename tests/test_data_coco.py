@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -109,12 +108,12 @@ def test_boxes_are_xyxy_without_crowd_or_empty_boxes(tiny_coco: Path) -> None:
     ds = _open(tiny_coco)
     assert ds.image_ids == [1, 2, 4]  # sorted; 3 is missing; 4 has no annotations
     image, target = ds[0]
-    assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8
+    # plain tensors leave the dataset (tv_tensors only inside the transforms)
+    assert type(image) is torch.Tensor and image.dtype == torch.uint8
     assert image.shape == (3, H, W)
     assert image[0, 0].tolist() == list(range(W)) and int(image[1:].max()) == 0
     boxes = target["boxes"]
-    assert isinstance(boxes, tv_tensors.BoundingBoxes) and boxes.dtype == torch.float32
-    assert boxes.format == tv_tensors.BoundingBoxFormat.XYXY and tuple(boxes.canvas_size) == (H, W)
+    assert type(boxes) is torch.Tensor and boxes.dtype == torch.float32
     assert boxes.tolist() == EXPECTED_BOXES  # the last one clamped from [30, 20, 50, 40]
     assert target["labels"].dtype == torch.int64 and target["labels"].tolist() == EXPECTED_LABELS
     assert target["image_id"] == 1 and target["orig_size"] == (H, W)
@@ -124,7 +123,7 @@ def test_boxes_are_xyxy_without_crowd_or_empty_boxes(tiny_coco: Path) -> None:
 def test_masks_decode_polygons_and_both_rle_forms(tiny_coco: Path) -> None:
     ds = _open(tiny_coco, with_masks=True)
     masks = ds[0][1]["masks"]
-    assert isinstance(masks, tv_tensors.Mask) and masks.dtype == torch.uint8 and masks.shape == (4, H, W)
+    assert type(masks) is torch.Tensor and masks.dtype == torch.uint8 and masks.shape == (4, H, W)
     assert torch.equal(masks[1], torch.from_numpy(RECT_RLE))
     assert torch.equal(masks[2], torch.from_numpy(BLOCK_RLE))
     square = masks[0]
@@ -165,7 +164,9 @@ def test_verify_images_drops_corrupt_files_up_front(tiny_coco: Path) -> None:
 
 def test_transforms_move_boxes_and_degenerate_boxes_are_dropped(tiny_coco: Path) -> None:
     flipped = _open(tiny_coco, with_masks=True, transforms=v2.RandomHorizontalFlip(p=1.0))
-    _, target = flipped[0]
+    image, target = flipped[0]
+    # the flip moved boxes and masks because it saw tv_tensors; what leaves is unwrapped
+    assert {type(image), type(target["boxes"]), type(target["masks"])} == {torch.Tensor}
     assert target["boxes"].tolist() == [[W - x2, y1, W - x1, y2] for x1, y1, x2, y2 in EXPECTED_BOXES]
     assert torch.equal(target["masks"][1], torch.from_numpy(RECT_RLE).flip(-1))
 

@@ -31,13 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_config  # noqa: E402
 from distributed_worker import FIXED, mirrored_pair  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, write_checkpoint
 
-from conftest import write_checkpoint, tiny_config
 from training.cli import main
 from training.data.coco import CocoInstances
 from training.evaluate import METRIC_NAMES, coco_metrics, instances_to_coco
@@ -19,9 +19,9 @@ from training.model.condinst import Instances
 def _gt_instances(dataset: CocoInstances, i: int) -> tuple[int, Instances]:
     image, target = dataset[i]
     n = target["labels"].shape[0]
-    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    masks = target["masks"].bool()
     ones = torch.ones(n)
-    inst = Instances(target["boxes"].as_subclass(torch.Tensor), target["labels"], ones, ones, masks, ones)
+    inst = Instances(target["boxes"], target["labels"], ones, ones, masks, ones)
     return int(target["image_id"]), inst
 
 

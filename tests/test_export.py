@@ -20,8 +20,8 @@ pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip insta
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install boxteacher[export])")
 
 import onnx  # noqa: E402
-
 from conftest import tiny_config, write_checkpoint  # noqa: E402
+
 from export.check import compare_outputs, eager_outputs, exported_outputs, mask_iou  # noqa: E402
 from export.metadata import ENCODER_INPUTS, ENCODER_OUTPUTS, PROMPT_INPUTS, PROMPT_OUTPUTS, prompt_path, read_onnx_metadata  # noqa: E402
 from export.onnx_export import count_ops, export_checkpoint  # noqa: E402

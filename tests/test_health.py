@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from training.criterion import compute_losses
 from training.engine import student_batch
 from training.health import (

@@ -45,6 +45,26 @@ def test_model_imports_nothing_above_it():
         assert not bad, f"training/model/{path.name} imports {bad}"
 
 
+def test_training_imports_nothing_of_the_packages_above_it():
+    # The CLI reaches export/serving/labelstudio_backend only through entry points.
+    for path in sorted((REPO / "training").rglob("*.py")):
+        bad = sorted(m for m in imports(path) if m.split(".")[0] in ("serving", "export", "labelstudio_backend"))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_every_package_adds_its_commands_and_benchmarks_through_entry_points():
+    from training.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("train", "eval", "pseudo-label", "export", "serve", "labelstudio", "benchmark"):
+        assert name in commands, name
+    bench = next(a for a in commands["benchmark"]._actions if a.dest == "benchmark").choices
+    assert sorted(bench) == ["infer", "quality", "serve", "train"]
+    for name, module in (("quality", "training.benchmark"), ("infer", "export.benchmark"), ("serve", "serving.benchmark")):
+        assert bench[name].get_default("func").__module__ == module
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """A list of modules forming an import cycle (depth-first search), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

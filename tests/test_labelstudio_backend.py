@@ -655,9 +655,10 @@ def test_a_worse_fine_tune_is_not_promoted_unless_forced(synthetic_dataset, tmp_
     """One iteration at a huge learning rate wrecks the model: the old one keeps serving,
     both evaluations and the reason are in /health's training status and in the log; a
     START_TRAINING with "force": true promotes it all the same."""
+    from conftest import tiny_config, write_checkpoint
+
     from labelstudio_backend.fit import TrainingManager, read_state
     from serving.runtime import load_predictor
-    from conftest import tiny_config, write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "base.pth", tiny_config(2, ["class_names=[disc, square]"]))
     holder = ModelHolder(load_predictor(ckpt))
@@ -710,10 +711,11 @@ def test_failed_training_keeps_the_old_model(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_training_swaps_the_model_and_bumps_the_version(synthetic_dataset, tmp_path):
     """One BoxTeacher iteration on exported boxes, evaluation, hot-swap, restart resumes it."""
+    from conftest import tiny_config, write_checkpoint
+
     from labelstudio_backend.app import load_holder
     from labelstudio_backend.fit import TrainingManager
     from serving.runtime import load_predictor
-    from conftest import tiny_config, write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "base.pth", tiny_config(2, ["class_names=[disc, square]"]))
     holder = ModelHolder(load_predictor(ckpt))

@@ -33,9 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
-
 from conftest import REPO
+from pycocotools import mask as mask_utils
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.timeout(1800)]
 

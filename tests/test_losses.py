@@ -17,11 +17,11 @@ from training.losses import (
     linear_warmup,
     log_same_label_probability,
     outside_box_loss,
-    projection_bce_loss,
-    restrict_to_image,
     pairwise_loss,
     pairwise_weights,
+    projection_bce_loss,
     projection_loss,
+    restrict_to_image,
     rgb_to_lab,
     unfold_neighbours,
 )

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import conditioned_model, tiny_config
+
 from training.config import ConfigError, FCOSConfig, load_config
 from training.model.fcos import (
     assign_targets_single,

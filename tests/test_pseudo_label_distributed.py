@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_config, write_checkpoint
+
 from training import pseudo_label
 from training.cli import main
 from training.pseudo_label import parts_dir, read_part, review_order

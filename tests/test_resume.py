@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_config
+
 from training.checkpoint import read_checkpoint
 from training.config import load_config
 from training.resume import latest_valid_checkpoint, periodic_checkpoints, prune_checkpoints

@@ -207,7 +207,7 @@ def test_exif_orientation_and_image_modes(client):
     variants = {
         "gray": encode(gray),
         "rgba": encode(np.dstack([image, np.full(image.shape[:2], 200, np.uint8)])),
-        "16bit": encode((gray.astype(np.uint16) * 257)),
+        "16bit": encode(gray.astype(np.uint16) * 257),
         "palette": encode_palette(image),
     }
     for name, data in variants.items():

@@ -16,10 +16,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from serving.batching import MicroBatcher, QueueFull
+from serving.cache import image_digest
 from serving.images import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage, decode_image
 from serving.masks import encode_png, encode_polygon, encode_rle
 from serving.prompting import validate_boxes
-from serving.cache import image_digest
 from serving.runtime import Instance, PyTorchPredictor, load_predictor
 from training.data.synthetic import render_image
 from training.model.boxes import box_pixel_masks

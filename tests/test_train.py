@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision import tv_tensors
-
 from conftest import tiny_config
+
+from training.benchmark import load_variants
 from training.config import load_config
 from training.criterion import compute_losses
 from training.engine import student_batch, teacher_pseudo_masks
 from training.model.condinst import build_model
-from training.benchmark import load_variants
 from training.train import Trainer, lr_factor
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,9 +28,9 @@ def _target(boxes, h=96, w=128, labels=None):
     for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
         masks[i, int(y1) : int(y2) + 1, int(x1) : int(x2) + 1] = 1
     return {
-        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+        "boxes": boxes,
         "labels": torch.tensor(labels if labels is not None else [0] * n, dtype=torch.int64),
-        "masks": tv_tensors.Mask(masks),
+        "masks": masks,
         "image_id": 1,
         "orig_size": (h, w),
     }

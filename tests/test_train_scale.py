@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from training.config import load_config
 from training.train import Trainer, infinite
 

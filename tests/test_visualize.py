@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import conditioned_model, tiny_config, write_checkpoint
 from PIL import Image
 
-from conftest import conditioned_model, tiny_config, write_checkpoint
 from training.cli import main
 from training.model.condinst import Instances
 from training.visualize import (

@@ -5,7 +5,8 @@
   AP), and the Spearman correlation between each predicted instance's IoU with its true
   mask and (a) its detection score, (b) its mask-aware score;
 - ``train``: seconds/iteration, images/s and peak memory of training steps;
-- ``infer`` / ``serve``: delegated to export and serving.
+- ``infer`` / ``serve``: in export/benchmark.py and serving/benchmark.py, added through the
+  ``boxteacher.benchmarks`` entry points.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def register_benchmarks(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    p = sub.add_parser("benchmark", help="quality / speed benchmarks (quality, train, infer, serve)")
-    bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-
+def register(bench: argparse._SubParsersAction) -> None:
+    """The training benchmarks, under ``boxteacher benchmark`` (entry point group
+    ``boxteacher.benchmarks``; export and serving add ``infer`` and ``serve`` there)."""
     q = bench.add_parser("quality", help="condinst vs boxinst vs boxteacher vs box-fill on one dataset")
     q.add_argument("--data", required=True)
     q.add_argument("--config", required=True)
@@ -56,25 +56,6 @@ def register_benchmarks(sub: argparse._SubParsersAction) -> argparse._SubParsers
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_train_speed)
 
-    # Inference and serving benchmarks live with their packages; wired here when installed.
-    try:
-        from export.benchmark import add_infer_arguments, run_infer_benchmark
-    except ImportError:  # the export extra is not installed
-        pass
-    else:
-        i = bench.add_parser("infer", help="latency of eager PyTorch vs ONNX Runtime (vs TensorRT)")
-        add_infer_arguments(i)
-        i.set_defaults(func=run_infer_benchmark)
-    try:
-        from serving.benchmark import add_arguments as add_serve_arguments, run_from_args as run_serve_benchmark
-    except ImportError:  # the serve extra is not installed
-        pass
-    else:
-        sv = bench.add_parser("serve", help="HTTP throughput/latency vs the bare predictor")
-        add_serve_arguments(sv)
-        sv.set_defaults(func=run_serve_benchmark)
-    return bench
-
 
 def instance_iou_and_scores(model, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For every prediction: best mask IoU with a same-class GT mask, det score,
@@ -87,11 +68,11 @@ def instance_iou_and_scores(model, dataset) -> tuple[np.ndarray, np.ndarray, np.
     ious, det, mask_aware, outside = [], [], [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
-        inst = model.predict([image.as_subclass(torch.Tensor)])[0]
+        inst = model.predict([image])[0]
         if len(inst) == 0:
             continue
         masks = inst.masks.cpu()
-        gt_masks = target["masks"].as_subclass(torch.Tensor).numpy().astype(np.uint8)
+        gt_masks = target["masks"].numpy().astype(np.uint8)
         pred = np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))
         if gt_masks.shape[0]:
             gt = np.asfortranarray(gt_masks.transpose(1, 2, 0))
@@ -262,7 +243,7 @@ def format_quality_table(summaries: list[dict]) -> str:
     ]
     for s in summaries:
         many = s["seeds"] > 1
-        c = lambda key, fmt: _cell(s[key], fmt, many)  # noqa: E731
+        c = lambda key, fmt, s=s, many=many: _cell(s[key], fmt, many)  # noqa: E731
         lines.append(
             (f"| {s['variant']} " if named else "")
             + f"| {s['method']} | {s['seeds']} | {c('segm_AP', '.1f')} | {c('segm_AP50', '.1f')} | {c('segm_AP75', '.1f')} "

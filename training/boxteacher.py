@@ -29,7 +29,6 @@ from training.losses import (
     log_same_label_probability,
     unfold_neighbours,
 )
-
 from training.model.assignment import assign_pseudo_masks  # re-exported (Algorithm 1 lives with the model)
 from training.model.boxes import box_masks as rasterize_boxes
 from training.model.scores import authors_pseudo_weight, mask_aware_score, mean_foreground_probability  # re-exported

@@ -1,33 +1,50 @@
 """The ``boxteacher`` command line.
 
-Each package contributes its subcommands through a ``register(subparsers)``
-function in its own ``cli`` module, imported here by name so that, e.g.,
-``boxteacher train`` works without the serving extras installed. Handlers import
-their heavy dependencies when they run, not at start-up.
+Each package contributes its subcommands through a ``register(subparsers)`` function named
+by an entry point of the group ``boxteacher.commands`` (and its benchmarks through the
+group ``boxteacher.benchmarks``) in pyproject.toml, discovered with importlib.metadata.
+training/ so names none of export/, serving/, labelstudio_backend/, and ``boxteacher
+train`` works without the serving extras installed. Handlers import their heavy
+dependencies when they run, not at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
-COMMAND_MODULES = ["training.commands", "export.cli", "serving.cli", "labelstudio_backend.cli"]
+log = logging.getLogger(__name__)
+
+
+def plugins(group: str) -> list[Callable[[argparse._SubParsersAction], None]]:
+    """The ``register`` functions of an entry point group, training's first, then by name.
+
+    An entry point whose package cannot be imported because an optional dependency is not
+    installed (e.g. onnx without the ``export`` extra) is left out; any other error is raised.
+    """
+    found = sorted(entry_points(group=group), key=lambda ep: (ep.name != "training", ep.name))
+    if not found:
+        raise RuntimeError(f"no '{group}' entry points: install the package (pip install -e .) so that its commands are registered")
+    loaded = []
+    for ep in found:
+        try:
+            loaded.append(ep.load())
+        except ModuleNotFoundError as err:
+            if err.name and err.name.split(".")[0] == ep.value.split(".")[0]:
+                raise  # the package itself is broken, not an optional dependency
+            log.debug("%s: %s left out (%s is not installed)", group, ep.name, err.name)
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxteacher", description="Instance segmentation from boxes (BoxTeacher on CondInst).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a missing dependency inside the module is a real error
-                raise
-            continue
-        module.register(sub)
+    for register in plugins("boxteacher.commands"):
+        register(sub)
     return parser
 
 

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from training.cli import plugins
+
 log = logging.getLogger("boxteacher")
 
 
@@ -108,9 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes decoding images ahead of the model (per process)")
     p.set_defaults(func=cmd_pseudo_label)
 
-    from training.benchmark import register_benchmarks
-
-    register_benchmarks(sub)
+    p = sub.add_parser("benchmark", help="quality / speed benchmarks (quality, train, infer, serve)")
+    bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for add in plugins("boxteacher.benchmarks"):
+        add(bench)
 
 
 def _add_nms_option(p: argparse.ArgumentParser) -> None:
@@ -174,10 +177,9 @@ def cmd_train(args) -> int:
     """Train on one process, or on every process of a torchrun job (DDP); rank 0 prints
     and writes the checkpoints, the logs and one metrics.json."""
     from training.config import load_config
+    from training.data.checks import DataError
     from training.distributed import is_main_process, launch
     from training.train import train
-
-    from training.data.checks import DataError
 
     cfg = load_config(args.config, args.overrides)
     evaluates = not args.no_eval or bool(cfg.train.eval_period)
@@ -250,13 +252,12 @@ def _evaluate_boxes_only(model, args, report) -> dict:
 
 
 def cmd_visualize(args) -> int:
-    import torch
 
     from training.data.coco import load_image
     from training.visualize import DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, save_overlays
 
     model, _ = _load_model(args)
-    images = [(str(f), load_image(f).as_subclass(torch.Tensor)) for f in _image_files(args.images)]
+    images = [(str(f), load_image(f)) for f in _image_files(args.images)]
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     paths = save_overlays(model, images, args.output, threshold, top_k, args.scale)
@@ -291,13 +292,14 @@ def cmd_pseudo_label(args) -> int:
     merges and prints; rerunning the same command after a crash resumes."""
     from training.checkpoint import load_model
     from training.distributed import info, launch
-    from training.pseudo_label import file_digest, pseudo_label_to_file
+    from training.files import file_sha256
+    from training.pseudo_label import pseudo_label_to_file
 
     _check_data_first(args.data, [args.split])
     with launch(args.device) as device:
         model, _ = load_model(args.weights, args.branch, device=device)
         annotations = Path(args.data) / "annotations" / f"{args.split}.json"
-        key = {"checkpoint_sha256": file_digest(args.weights), "branch": args.branch, "annotations_sha256": file_digest(annotations)}
+        key = {"checkpoint_sha256": file_sha256(args.weights), "branch": args.branch, "annotations_sha256": file_sha256(annotations)}
         summary = pseudo_label_to_file(model, args.data, args.split, args.output, workers=args.workers, run_key=key)
         main = info().is_main
     if not main:

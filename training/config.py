@@ -209,7 +209,7 @@ class Config(_Section):
         return "per_group" if self.box_supervised else "global"
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if len(self.input.pixel_mean) != 3 or len(self.input.pixel_std) != 3:
             raise ValueError("input.pixel_mean and input.pixel_std need 3 values each")
         if len(self.model.fcos.sizes_of_interest) != len(self.model.fcos.strides) - 1:

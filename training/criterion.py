@@ -101,7 +101,7 @@ def losses_from_outputs(
     receives :func:`training.health.mask_health` of the training proposals."""
     num_classes = cfg.model.num_classes
     feature_hw = [tuple(t.shape[-2:]) for t in head.cls_logits]
-    targets = fcos_targets(feature_hw, [b.to(batch.images.device) for b in batch.boxes], [l.to(batch.images.device) for l in batch.labels], num_classes, cfg.model.fcos)
+    targets = fcos_targets(feature_hw, [b.to(batch.images.device) for b in batch.boxes], [labels.to(batch.images.device) for labels in batch.labels], num_classes, cfg.model.fcos)
     flat = flatten_head_outputs(head)
     losses = fcos_losses(flat, targets, num_classes, cfg.model.fcos, reduce_mean)
 

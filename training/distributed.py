@@ -23,9 +23,10 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -260,7 +261,7 @@ def evaluate_distributed(model, data_dir: str | Path, split: str = "val", mask_m
         image_id = int(target["image_id"])
         if image_id in results:  # a corrupt image was replaced by the next one
             continue
-        inst = model.predict([image.as_subclass(torch.Tensor)], resize=True)[0]
+        inst = model.predict([image], resize=True)[0]
         results[image_id] = instances_to_coco(inst, image_id, dataset.label_to_category_id, mask_mode)
     gathered = all_gather_objects(results)
     metrics = None

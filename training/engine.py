@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -43,10 +43,10 @@ def student_batch(
     device = model.device
     student_images = [strong_augmentation(im) if strong_augmentation is not None else im for im in images]
     batch, sizes = model.preprocess([im.to(device) for im in student_images])
-    raw = _pad_uint8([im.as_subclass(Tensor) if hasattr(im, "as_subclass") else im for im in images], cfg.input.size_divisibility)
-    boxes = [t["boxes"].as_subclass(Tensor).float().to(device) for t in targets]
+    raw = _pad_uint8(list(images), cfg.input.size_divisibility)
+    boxes = [t["boxes"].float().to(device) for t in targets]
     labels = [t["labels"].to(device) for t in targets]
-    masks = [t["masks"].as_subclass(Tensor).to(device) for t in targets] if cfg.method == "condinst" else None
+    masks = [t["masks"].to(device) for t in targets] if cfg.method == "condinst" else None
     removed = []
     for t, (h, _) in zip(targets, sizes):
         orig_h = t.get("orig_size", (h, 0))[0]

@@ -78,7 +78,7 @@ def predict_dataset(model: CondInst, dataset: CocoInstances, mask_mode: str = "m
         if image_id in seen:  # a corrupt image was replaced by the next one
             continue
         seen.add(image_id)
-        inst = model.predict([image.as_subclass(torch.Tensor)], resize=True)[0]
+        inst = model.predict([image], resize=True)[0]
         b, s = instances_to_coco(inst, image_id, dataset.label_to_category_id, mask_mode)
         bbox += b
         segm += s

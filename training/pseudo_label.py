@@ -28,16 +28,16 @@ output. The merged file holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,15 +142,6 @@ class PartWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _prepare_parts(parts: Path, run_key: dict) -> str | None:
@@ -284,7 +275,7 @@ def pseudo_label_to_file(
             if image is None:
                 writer.write({"image_id": int(image_id), "skipped": "unreadable or wrongly sized image"})
                 continue
-            pseudo, unmatched = pseudo_label_image(model, image.as_subclass(torch.Tensor), _box_annotations(dataset, image_id), iou_threshold, score_threshold)
+            pseudo, unmatched = pseudo_label_image(model, image, _box_annotations(dataset, image_id), iou_threshold, score_threshold)
             writer.write({"image_id": int(image_id), "annotations": pseudo, "unmatched": unmatched})
     group.barrier()
 

@@ -385,7 +385,7 @@ class Trainer:
         with self._autocast():
             batch = student_batch(model, images, targets, cfg, self.strong_aug)
             if self.teacher is not None:
-                batch.pseudo, stats = teacher_pseudo_masks(self.teacher, [im.as_subclass(torch.Tensor) for im in images], batch, cfg)
+                batch.pseudo, stats = teacher_pseudo_masks(self.teacher, list(images), batch, cfg)
             head, mask_feats = (self.ddp or model)(batch.images)
             losses = losses_from_outputs(model, head, mask_feats, batch, self.iteration, cfg, dist_utils.reduce_mean, health)
         if health is not None:

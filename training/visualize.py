@@ -246,7 +246,6 @@ def save_comparison_sheets(
     paths, sheets = [], []
     for i in range(min(count, len(dataset))):
         image, target = dataset[i]
-        image = image.as_subclass(torch.Tensor)
         inst = select_instances(model.predict([image])[0], score_threshold, top_k)
         sheet = truth_vs_prediction(image, target, inst, dataset.class_names, method)
         name = Path(dataset.coco.imgs[int(target["image_id"])]["file_name"]).stem

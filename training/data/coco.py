@@ -6,15 +6,18 @@ relative to ``images/``).
 
 Samples are ``(image, target)``:
 
-- ``image``: ``tv_tensors.Image`` uint8 RGB, shape (3, H, W).
-- ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` float32 (N, 4), XYXY
-  pixels, ``canvas_size=(H, W)``.
+- ``image``: uint8 RGB tensor, shape (3, H, W).
+- ``target["boxes"]``: float32 (N, 4), XYXY pixels inside the image.
 - ``target["labels"]``: int64 (N,), contiguous labels in ``[0, num_classes)``.
 - ``target["image_id"]``: int, the COCO image id.
 - ``target["orig_size"]``: ``(H, W)`` ints of the image as loaded (before
   transforms).
-- ``target["masks"]``: ``tv_tensors.Mask`` uint8 (N, H, W) in {0, 1}; present
-  only with ``with_masks=True``.
+- ``target["masks"]``: uint8 (N, H, W) in {0, 1}; present only with
+  ``with_masks=True``.
+
+All are plain ``torch.Tensor``: the transforms see torchvision's ``tv_tensors`` (so that
+boxes and masks move with the image), and :func:`plain_sample` unwraps them once, where a
+sample leaves the dataset; nothing downstream sees a tensor subclass.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def load_image(path: str | os.PathLike[str]) -> tv_tensors.Image:
+def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read an image file as uint8 RGB, shape (3, H, W).
 
     The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so H and W
@@ -69,10 +72,17 @@ def load_image(path: str | os.PathLike[str]) -> tv_tensors.Image:
         if pil.mode != "RGB":
             pil = pil.convert("RGB")
         array = np.array(pil, dtype=np.uint8)  # (H, W, 3), a writable copy
-    return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def collate(batch: list[tuple[tv_tensors.Image, Target]]) -> tuple[list[tv_tensors.Image], list[Target]]:
+def plain_sample(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+    """The sample with every ``tv_tensors`` subclass (Image, BoundingBoxes, Mask) unwrapped
+    to a plain ``torch.Tensor`` (same storage); other values unchanged."""
+    out = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+    return image.as_subclass(torch.Tensor), out
+
+
+def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
     """DataLoader ``collate_fn``: ``(list of images, list of targets)``, no stacking
     (images differ in size; the model pads)."""
     images = [image for image, _ in batch]
@@ -195,7 +205,7 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         n = len(self.image_ids)
         if n == 0:
             raise IndexError("dataset has no images")
@@ -224,7 +234,7 @@ class CocoInstances(Dataset):
         more = f" and {len(new) - 5} more" if len(new) > 5 else ""
         warnings.warn(f"skipping {len(new)} image(s) ({reason}): {names}{more}", RuntimeWarning, stacklevel=3)
 
-    def try_load(self, image_id: int) -> tv_tensors.Image | None:
+    def try_load(self, image_id: int) -> torch.Tensor | None:
         """The image with this COCO id as loaded (uint8 (3, H, W)), or None after recording
         it as skipped (unreadable, or its size differs from the declared one)."""
         info = self.coco.imgs[image_id]
@@ -240,7 +250,7 @@ class CocoInstances(Dataset):
             return None
         return image
 
-    def _make_sample(self, image_id: int, image: tv_tensors.Image) -> tuple[tv_tensors.Image, Target]:
+    def _make_sample(self, image_id: int, image: torch.Tensor) -> tuple[torch.Tensor, Target]:
         h, w = image.shape[-2:]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]  # boxes checked
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -254,9 +264,9 @@ class CocoInstances(Dataset):
         if self.with_masks:
             target["masks"] = tv_tensors.Mask(self._decode_masks(anns, h, w))
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            image, target = self.transforms(tv_tensors.Image(image), target)
             target["boxes"] = F.clamp_bounding_boxes(target["boxes"])
-        return image, remove_degenerate_boxes(target)
+        return plain_sample(image, remove_degenerate_boxes(target))
 
     def _decode_masks(self, anns: list[dict[str, Any]], h: int, w: int) -> torch.Tensor:
         """Masks (N, H, W) uint8 from polygons, uncompressed or compressed RLE.

@@ -316,7 +316,7 @@ class Detections:
     params: Tensor
     valid: Tensor
 
-    def select(self, index: Tensor) -> "Detections":
+    def select(self, index: Tensor) -> Detections:
         return Detections(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 

@@ -132,7 +132,7 @@ class InputSpec:
     fixed_hw: tuple[int, int] | None = None
 
     @classmethod
-    def from_config(cls, inp) -> "InputSpec":
+    def from_config(cls, inp) -> InputSpec:
         """From a :class:`training.config.InputConfig` (test scale, no fixed canvas)."""
         return cls(
             inp.min_size_test, inp.max_size_test, tuple(inp.pixel_mean), tuple(inp.pixel_std), inp.format, inp.size_divisibility
