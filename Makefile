@@ -6,7 +6,7 @@ BT := $(VENV)/bin/boxteacher
 DEMO ?= demo
 PORT ?= 8000
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,20 @@ demo: setup
 	$(BT) demo --output $(DEMO) --port $(PORT) $(if $(ITERS),--iters $(ITERS)) $(if $(UPPER_BOUND),--upper-bound)
 	$(BT) serve --model $(DEMO)/run/model_final.pth --host 127.0.0.1 --port $(PORT)
 
-test: setup
+# The README's test command (and CI's): lint and format check (ruff, pyproject.toml), then the suite.
+test: setup lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

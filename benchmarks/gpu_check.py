@@ -42,7 +42,13 @@ def _times(fn, iters: int, warmup: int, sync) -> list[float]:
 def _row(name: str, batch: int, times: list[float]) -> dict:
     med = statistics.median(times)
     ordered = sorted(times)
-    return {"variant": name, "batch": batch, "median_ms": round(med * 1000, 2), "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2), "images_per_s": round(batch / med, 2)}
+    return {
+        "variant": name,
+        "batch": batch,
+        "median_ms": round(med * 1000, 2),
+        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
+        "images_per_s": round(batch / med, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         head, feats = model(x)
         cells = prompt_cells(head, 0)
         box = torch.tensor([[100.0, 100.0, 400.0, 300.0]], device="cuda")
-        report["rows"].append(_row("box prompt (CondInst.prompt, cached encoding)", 1, _times(lambda: model.prompt(cells, feats, box), args.iters, args.warmup, sync)))
+        report["rows"].append(
+            _row(
+                "box prompt (CondInst.prompt, cached encoding)",
+                1,
+                _times(lambda: model.prompt(cells, feats, box), args.iters, args.warmup, sync),
+            )
+        )
 
     _exported(report, model, cfg, h, w, args)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
@@ -138,7 +150,10 @@ def _exported(report: dict, model, cfg, h: int, w: int, args) -> None:
     from training.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = save_checkpoint(Path(tmp) / "r50.pth", {"config": cfg.model_dump(), "student": model.float().cpu().state_dict(), "teacher": None, "iteration": 0})
+        ckpt = save_checkpoint(
+            Path(tmp) / "r50.pth",
+            {"config": cfg.model_dump(), "student": model.float().cpu().state_dict(), "teacher": None, "iteration": 0},
+        )
         onnx_path = export_checkpoint(ckpt, Path(tmp) / "r50.onnx", input_size=(h, w))
         x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
         size = np.array([h, w], dtype=np.int64)
@@ -146,7 +161,9 @@ def _exported(report: dict, model, cfg, h: int, w: int, args) -> None:
             from export.onnx_runtime import OnnxModel
 
             m = OnnxModel(onnx_path, "cuda")
-            report["rows"].append(_row(f"onnxruntime {m.providers[0]}", 1, _times(lambda: m.encode(x, size), args.iters, args.warmup, lambda: None)))
+            report["rows"].append(
+                _row(f"onnxruntime {m.providers[0]}", 1, _times(lambda: m.encode(x, size), args.iters, args.warmup, lambda: None))
+            )
         if tensorrt is not None:
             import torch
 
@@ -157,7 +174,13 @@ def _exported(report: dict, model, cfg, h: int, w: int, args) -> None:
                 engine = build_engine(onnx_path, Path(tmp) / f"r50.{precision}.engine", precision=precision)
                 m = TensorRTModel(engine)
                 xt = torch.from_numpy(x).cuda()
-                report["rows"].append(_row(f"tensorrt {precision}", 1, _times(lambda m=m, xt=xt: m.encode(xt, size), args.iters, args.warmup, torch.cuda.synchronize)))
+                report["rows"].append(
+                    _row(
+                        f"tensorrt {precision}",
+                        1,
+                        _times(lambda m=m, xt=xt: m.encode(xt, size), args.iters, args.warmup, torch.cuda.synchronize),
+                    )
+                )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def eager_outputs(
     return {name: value.detach().cpu().numpy() for name, value in out.items()}
 
 
-def exported_outputs(model, batch: np.ndarray, image_size: tuple[int, int], prompt_boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def exported_outputs(
+    model, batch: np.ndarray, image_size: tuple[int, int], prompt_boxes: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The encoder's detection outputs and, with prompt boxes, the prompt graph's outputs on the
     encoder's own features (``model``: an :class:`export.onnx_runtime.OnnxModel` or
     :class:`export.tensorrt_runtime.TensorRTModel`), as numpy arrays."""
@@ -154,8 +156,7 @@ def compare_outputs(exported: dict[str, np.ndarray], eager: dict[str, np.ndarray
         "num_exported": n_x,
         "num_eager": n_e,
         # the same set: every detection paired with an (almost) identical box of the same class
-        "same_detections": n_x == n_e == len(pairs)
-        and (not len(pairs) or bool(np.all(diff <= 1e-3 * np.maximum(np.abs(be), 1.0)))),
+        "same_detections": n_x == n_e == len(pairs) and (not len(pairs) or bool(np.all(diff <= 1e-3 * np.maximum(np.abs(be), 1.0)))),
         "same_order": n_x == n_e == len(pairs) and all(x == e for x, e in pairs),
         "matched": len(pairs),
         "box_max_abs": float(diff.max()) if diff.size else 0.0,
@@ -264,7 +265,9 @@ def check_parity(
             "check the checkpoint against the dataset it was trained for"
         )
     if cfg.model.num_classes < dataset.num_classes:
-        log.warning("the model has %d classes, %s has %d: AP counts the missing ones as 0", cfg.model.num_classes, data_dir, dataset.num_classes)
+        log.warning(
+            "the model has %d classes, %s has %d: AP counts the missing ones as 0", cfg.model.num_classes, data_dir, dataset.num_classes
+        )
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     if n == 0:
         raise ValueError(f"no readable images in {data_dir} ({split})")

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("onnx", help="checkpoint -> encoder graph (network, NMS, masks, mask-aware score) + prompt graph")
     p.add_argument("--weights", required=True, help="boxteacher checkpoint (.pth)")
-    p.add_argument("--output", required=True, help="model.onnx to write (encoder, metadata inside); the prompt graph goes to model.prompt.onnx")
+    p.add_argument(
+        "--output", required=True, help="model.onnx to write (encoder, metadata inside); the prompt graph goes to model.prompt.onnx"
+    )
     p.add_argument("--branch", choices=["student", "teacher"], default="student", help="weights to export (default: student)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 with torch 2.12)")
     p.add_argument("--dynamic", action="store_true", help="dynamic input height and width (multiples of 32, 64..4096 px)")
@@ -37,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("tensorrt", help="model.onnx (+ model.prompt.onnx) -> two TensorRT plans + JSON sidecar (TensorRT 10.x / 11.x)")
     p.add_argument("--onnx", required=True, help="model.onnx from 'boxteacher export onnx'")
-    p.add_argument("--output", required=True, help="engine file (plain plan); the prompt plan goes to OUTPUT's .prompt.engine, metadata to OUTPUT.json")
+    p.add_argument(
+        "--output", required=True, help="engine file (plain plan); the prompt plan goes to OUTPUT's .prompt.engine, metadata to OUTPUT.json"
+    )
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="TRT 10: builder flag; TRT 11: ModelOpt AutoCast first")
     precision.add_argument("--bf16", action="store_true", help="TRT 10: builder flag; TRT 11: ModelOpt AutoCast first")

@@ -117,7 +117,9 @@ class ExportMetadata:
         """The inverse of :meth:`to_dict`; unknown keys go to ``extra``. Raises ValueError naming
         the missing keys (a graph that was not written by :func:`write_onnx_metadata`)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(values))
         if missing:
             raise ValueError(f"{source} lacks the boxteacher export metadata {missing}; export it again with 'boxteacher export onnx'")

@@ -294,7 +294,10 @@ def export_onnx(
     images = torch.zeros(1, 3, h, w, device=device)
     image_size = torch.tensor([h, w], dtype=torch.int64, device=device)
     if dynamic:
-        side = {2: 32 * Dim("h32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32), 3: 32 * Dim("w32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32)}
+        side = {
+            2: 32 * Dim("h32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32),
+            3: 32 * Dim("w32", min=DYNAMIC_MIN_SIDE // 32, max=DYNAMIC_MAX_SIDE // 32),
+        }
         encoder_shapes = {"images": side, "image_size": None}
     else:
         encoder_shapes = {"images": None, "image_size": None}
@@ -310,7 +313,11 @@ def export_onnx(
         # the prompt graph, traced on the encoder's own outputs for this example
         features = encoder(images, image_size)[-4:]
         boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2], [0.0, 0.0, 1.0, 1.0]], device=device)
-        cells, fh, fw = Dim("cells", min=2, max=1 << 20), Dim("fh", min=2, max=DYNAMIC_MAX_SIDE // 8), Dim("fw", min=2, max=DYNAMIC_MAX_SIDE // 8)
+        cells, fh, fw = (
+            Dim("cells", min=2, max=1 << 20),
+            Dim("fh", min=2, max=DYNAMIC_MAX_SIDE // 8),
+            Dim("fw", min=2, max=DYNAMIC_MAX_SIDE // 8),
+        )
         prompt_shapes = {
             "prompt_boxes": {0: Dim("prompts", min=1, max=4096)},
             "cell_scores": {0: cells},
@@ -328,11 +335,22 @@ def export_onnx(
             encoder_proto = _simplify(encoder_proto, needs_nms=True)
             prompt_proto = _simplify(prompt_proto, needs_nms=False)
     meta = metadata or build_metadata(
-        cfg, branch=branch, max_detections=k, score_threshold=thr, dynamic=dynamic, input_size=(h, w), dynamic_side_range=(DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE)
+        cfg,
+        branch=branch,
+        max_detections=k,
+        score_threshold=thr,
+        dynamic=dynamic,
+        input_size=(h, w),
+        dynamic_side_range=(DYNAMIC_MIN_SIDE, DYNAMIC_MAX_SIDE),
     )
     opset_used = next((o.version for o in encoder_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     meta = meta.replace(
-        opset=opset_used, max_detections=k, score_threshold=thr, dynamic=bool(dynamic), input_size=None if dynamic else [h, w], example_input_size=[h, w]
+        opset=opset_used,
+        max_detections=k,
+        score_threshold=thr,
+        dynamic=bool(dynamic),
+        input_size=None if dynamic else [h, w],
+        example_input_size=[h, w],
     )
     write_onnx_metadata(encoder_proto, meta)
     # the prompt graph carries the same version, so a mismatched pair is refused when loading
@@ -350,7 +368,14 @@ def export_onnx(
 
 def _to_onnx(ep, args: tuple, input_names: tuple[str, ...], output_names: tuple[str, ...], opset: int | None):
     program = torch.onnx.export(
-        ep, args, input_names=list(input_names), output_names=list(output_names), opset_version=opset, dynamo=True, external_data=False, verbose=False
+        ep,
+        args,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
     )
     proto = program.model_proto
     import onnx

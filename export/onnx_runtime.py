@@ -129,12 +129,16 @@ class OnnxModel:
         self.metadata: ExportMetadata = read_onnx_metadata(path)
         second = prompt_path(path)
         if not second.is_file():
-            raise FileNotFoundError(f"{path.name} needs its prompt graph {second.name} next to it (both are written by 'boxteacher export onnx')")
+            raise FileNotFoundError(
+                f"{path.name} needs its prompt graph {second.name} next to it (both are written by 'boxteacher export onnx')"
+            )
         self.encoder = OnnxRunner(path, device, threads=threads, config=config, inputs=ENCODER_INPUTS)
         self.prompter = OnnxRunner(second, device, threads=threads, config=config, inputs=PROMPT_INPUTS)
         version = read_onnx_metadata(second).model_version
         if version != self.metadata.model_version:
-            raise ValueError(f"{second.name} (model {version}) does not belong to {path.name} (model {self.metadata.model_version}); export again")
+            raise ValueError(
+                f"{second.name} (model {version}) does not belong to {path.name} (model {self.metadata.model_version}); export again"
+            )
         self.path = path
         self.device = str(device)
         self.providers = self.encoder.providers

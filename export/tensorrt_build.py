@@ -258,7 +258,16 @@ def build_engine(
             files = _calibration_images(calib, calib_images)  # type: ignore[arg-type]
             cache = output.with_suffix(output.suffix + ".calib")
             calibrate = lambda: _make_calibrator(trt, files, meta, opt, cache)  # noqa: E731
-        plan = _build(trt, builder, logger, source, {"images": [(1, 3, *mn), (1, 3, *opt), (1, 3, *mx)]}, workspace_gb, precision if major == 10 else "fp32", calibrate)
+        plan = _build(
+            trt,
+            builder,
+            logger,
+            source,
+            {"images": [(1, 3, *mn), (1, 3, *opt), (1, 3, *mx)]},
+            workspace_gb,
+            precision if major == 10 else "fp32",
+            calibrate,
+        )
         prompt_plan = _build(trt, builder, logger, prompt_path(onnx_path), prompt_shapes, workspace_gb, "fp32", None)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(bytes(plan))
@@ -273,7 +282,9 @@ def build_engine(
         profile={"min": list(mn), "opt": list(opt), "max": list(mx), "max_prompts": int(max_prompts)},
     )
     write_engine_sidecar(output, meta.replace(dynamic=mn != mx, input_size=None if mn != mx else list(opt), extra=extra))
-    log.info("wrote %s, %s (TensorRT %s, %s) and %s", output, prompt_path(output).name, trt.__version__, precision, sidecar_path(output).name)
+    log.info(
+        "wrote %s, %s (TensorRT %s, %s) and %s", output, prompt_path(output).name, trt.__version__, precision, sidecar_path(output).name
+    )
     return output
 
 

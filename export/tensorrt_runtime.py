@@ -53,7 +53,14 @@ class TensorRTRunner:
         import torch  # noqa: PLC0415
 
         trt = self.trt
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+        table = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.int32: torch.int32,
+            trt.int64: torch.int64,
+            trt.bool: torch.bool,
+            trt.int8: torch.int8,
+        }
         if hasattr(trt, "bfloat16"):
             table[trt.bfloat16] = torch.bfloat16
         if dt not in table:
@@ -139,7 +146,9 @@ class TensorRTModel:
         self.metadata: ExportMetadata = read_engine_metadata(engine)
         second = prompt_path(engine)
         if not second.is_file():
-            raise FileNotFoundError(f"{engine.name} needs its prompt plan {second.name} next to it (both are built by 'boxteacher export tensorrt')")
+            raise FileNotFoundError(
+                f"{engine.name} needs its prompt plan {second.name} next to it (both are built by 'boxteacher export tensorrt')"
+            )
         self.encoder = TensorRTRunner(engine, device)
         self.prompter = TensorRTRunner(second, device)
         self.device = self.encoder.device

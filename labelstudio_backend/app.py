@@ -45,7 +45,14 @@ from labelstudio_backend.settings import BackendSettings
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "BoxTeacher"
-TRAIN_EVENTS = {"START_TRAINING", "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
+TRAIN_EVENTS = {
+    "START_TRAINING",
+    "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATION_DELETED",
+    "ANNOTATIONS_DELETED",
+}
 
 
 class Stats:
@@ -132,7 +139,11 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
             st.holder = await run_in_threadpool(load_holder, settings)
         fetcher = ImageFetcher.from_settings(settings)
         options = PredictOptions(
-            settings.score_threshold, settings.max_instances, settings.prediction_score, settings.batch_size, settings.detections_as_rectangles
+            settings.score_threshold,
+            settings.max_instances,
+            settings.prediction_score,
+            settings.batch_size,
+            settings.detections_as_rectangles,
         )
         st.predictor = TaskPredictor(st.holder, fetcher, options, settings.fetch_workers)
         base = Path(settings.model).resolve() if settings.model else None
@@ -270,7 +281,9 @@ class BasicAuthMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not self._ok(dict(scope.get("headers") or []).get(b"authorization", b"")):
             response = JSONResponse(
-                {"status": 401, "detail": "HTTP Basic auth required"}, status_code=401, headers={"WWW-Authenticate": 'Basic realm="boxteacher"'}
+                {"status": 401, "detail": "HTTP Basic auth required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="boxteacher"'},
             )
             await response(scope, receive, send)
             return

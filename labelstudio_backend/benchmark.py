@@ -74,7 +74,9 @@ def load_val(data: Path, split: str = "val", limit: int | None = None):
         anns = [a for a in coco.imgToAnns.get(image_id, []) if not a.get("iscrowd")]
         if not anns:
             continue
-        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=np.float32)
+        boxes = np.asarray(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=np.float32
+        )
         masks = np.stack([mask_utils.decode(coco.annToRLE(a)).astype(bool) for a in anns])
         out.append((image, boxes, masks))
     return out
@@ -101,7 +103,15 @@ def _grabcut(image: np.ndarray, box, iterations: int = 5) -> np.ndarray:
     mask = np.zeros((h, w), np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
-        cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), mask, (x0, y0, max(x1 - x0, 1), max(y1 - y0, 1)), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+        cv2.grabCut(
+            cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+            mask,
+            (x0, y0, max(x1 - x0, 1), max(y1 - y0, 1)),
+            bgd,
+            fgd,
+            iterations,
+            cv2.GC_INIT_WITH_RECT,
+        )
     except cv2.error:  # a box covering the whole image leaves no background model
         return _filled(box, h, w)
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
@@ -133,7 +143,11 @@ def quality(model: str, data: Path, device: str = "cpu", limit: int | None = Non
         "images": len(samples),
         "instances": n,
         "methods": {
-            name: {"mean_iou": round(float(np.mean(v)), 4), "median_iou": round(float(np.median(v)), 4), "ms_per_instance": round(seconds[name] / max(n, 1) * 1000, 1)}
+            name: {
+                "mean_iou": round(float(np.mean(v)), 4),
+                "median_iou": round(float(np.median(v)), 4),
+                "ms_per_instance": round(seconds[name] / max(n, 1) * 1000, 1),
+            }
             for name, v in ious.items()
         },
     }
@@ -157,7 +171,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def latency(model: str, data: Path, images: int = 10, boxes_per_image: int = 3, device: str = "cpu", torch_threads: int | None = None) -> dict:
+def latency(
+    model: str, data: Path, images: int = 10, boxes_per_image: int = 3, device: str = "cpu", torch_threads: int | None = None
+) -> dict:
     """Interactive /predict latency per image size (see the module docstring)."""
     samples = load_val(data, limit=images)
     results = {}
@@ -165,12 +181,27 @@ def latency(model: str, data: Path, images: int = 10, boxes_per_image: int = 3, 
         root = Path(tmp)
         host = _ImageHost(root)
         port = _free_port()
-        env = dict(os.environ, BOXTEACHER_LS_ALLOWED_HOSTS=host.url.split("//")[1], BOXTEACHER_LS_WORK_DIR=str(root / "work"), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ, BOXTEACHER_LS_ALLOWED_HOSTS=host.url.split("//")[1], BOXTEACHER_LS_WORK_DIR=str(root / "work"), PYTHONUNBUFFERED="1"
+        )
         env.pop("BASIC_AUTH_USER", None)
         env.pop("BASIC_AUTH_PASS", None)
         if torch_threads:
             env["BOXTEACHER_LS_TORCH_THREADS"] = str(torch_threads)
-        cmd = [sys.executable, "-m", "training.cli", "labelstudio", "--model", model, "--port", str(port), "--device", device, "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "labelstudio",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "backend.log", "wb"))
         url = f"http://127.0.0.1:{port}"
         try:
@@ -204,10 +235,19 @@ def latency(model: str, data: Path, images: int = 10, boxes_per_image: int = 3, 
                             "to_name": "image",
                             "original_width": w,
                             "original_height": h,
-                            "value": {"x": x0 / w * 100, "y": y0 / h * 100, "width": (x1 - x0) / w * 100, "height": (y1 - y0) / h * 100, "rotation": 0, "rectanglelabels": ["person"]},
+                            "value": {
+                                "x": x0 / w * 100,
+                                "y": y0 / h * 100,
+                                "width": (x1 - x0) / w * 100,
+                                "height": (y1 - y0) / h * 100,
+                                "rotation": 0,
+                                "rectanglelabels": ["person"],
+                            },
                         }
                         body = {
-                            "tasks": [{"id": task_id, "data": {"image": f"{host.url}/{name}"}, "annotations": [], "drafts": [], "predictions": []}],
+                            "tasks": [
+                                {"id": task_id, "data": {"image": f"{host.url}/{name}"}, "annotations": [], "drafts": [], "predictions": []}
+                            ],
                             "project": "1.1",
                             "label_config": XML,
                             "params": {"login": None, "password": None, "context": {"result": [rect]}},
@@ -239,7 +279,10 @@ def latency(model: str, data: Path, images: int = 10, boxes_per_image: int = 3, 
 
 
 def markdown(report: dict) -> str:
-    lines = [f"model: {report['model']} on {report['device']} ({report['cpus']} CPUs, load average {report['load_average_before']} at the start)", ""]
+    lines = [
+        f"model: {report['model']} on {report['device']} ({report['cpus']} CPUs, load average {report['load_average_before']} at the start)",
+        "",
+    ]
     if "latency" in report:
         lines += [
             "| image | requests | first box p50 / p95 (ms) | next boxes p50 / p95 (ms) | all p50 / p95 (ms) | backend CPU ms / request |",
@@ -253,7 +296,12 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "quality" in report:
         q = report["quality"]
-        lines += [f"{q['instances']} instances on {q['images']} images, true boxes as prompts", "", "| method | mean IoU | median IoU | ms / instance |", "|---|---|---|---|"]
+        lines += [
+            f"{q['instances']} instances on {q['images']} images, true boxes as prompts",
+            "",
+            "| method | mean IoU | median IoU | ms / instance |",
+            "|---|---|---|---|",
+        ]
         for name, r in q["methods"].items():
             lines.append(f"| {name} | {r['mean_iou']:.3f} | {r['median_iou']:.3f} | {r['ms_per_instance']} |")
     return "\n".join(lines)
@@ -272,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--output", type=Path, default=None, help="write the report as JSON")
     args = p.parse_args(argv)
-    report: dict = {"model": str(args.model), "device": args.device, "cpus": os.cpu_count(), "load_average_before": round(os.getloadavg()[0], 2)}
+    report: dict = {
+        "model": str(args.model),
+        "device": args.device,
+        "cpus": os.cpu_count(),
+        "load_average_before": round(os.getloadavg()[0], 2),
+    }
     if not args.skip_latency:
         report["latency"] = latency(args.model, args.data, args.images, args.boxes_per_image, args.device, args.torch_threads)
     if not args.skip_quality:

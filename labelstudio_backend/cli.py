@@ -14,17 +14,21 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Label Studio's own variables are read as they are (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, "
             "BASIC_AUTH_USER, BASIC_AUTH_PASS, LOCAL_FILES_DOCUMENT_ROOT, MODEL_DIR); every other setting "
             "can come from the environment as BOXTEACHER_LS_<NAME> (e.g. BOXTEACHER_LS_ALLOWED_HOSTS, "
-            "BOXTEACHER_LS_TRAIN_ITERS); flags win. See labelstudio_backend/README.md."
+            "BOXTEACHER_LS_TRAIN_ITERS); flags win. See docs/labelstudio.md."
         ),
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="checkpoint (.pth), ONNX model or TensorRT engine, loaded once [env BOXTEACHER_LS_MODEL]")
+    src.add_argument(
+        "--model", default=None, help="checkpoint (.pth), ONNX model or TensorRT engine, loaded once [env BOXTEACHER_LS_MODEL]"
+    )
     src.add_argument("--server-url", default=None, help="forward to a running 'boxteacher serve' API instead of loading a model")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 for Label Studio on another host or in Docker)")
     p.add_argument("--port", type=int, default=None, help="port (default 9090)")
     p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     p.add_argument("--branch", choices=["teacher", "student"], default=None, help="checkpoint weights (default: teacher when present)")
-    p.add_argument("--work-dir", default=None, help="training data, fine-tuned checkpoints and state (default ./labelstudio-backend) [env MODEL_DIR]")
+    p.add_argument(
+        "--work-dir", default=None, help="training data, fine-tuned checkpoints and state (default ./labelstudio-backend) [env MODEL_DIR]"
+    )
     p.add_argument("--train-iters", type=int, default=None, help="BoxTeacher iterations per training run (default 300)")
     p.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_run)

@@ -181,7 +181,14 @@ def _write_coco(path: Path, samples: list, categories: list[dict]) -> None:
     for k, (tid, name, w, h, boxes) in enumerate(samples, start=1):
         images.append({"id": k, "file_name": name, "width": w, "height": h, "label_studio_task": tid})
         for bbox, category, segmentation in boxes:
-            ann = {"id": len(annotations) + 1, "image_id": k, "category_id": category, "bbox": [round(v, 3) for v in bbox], "area": bbox[2] * bbox[3], "iscrowd": 0}
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": k,
+                "category_id": category,
+                "bbox": [round(v, 3) for v in bbox],
+                "area": bbox[2] * bbox[3],
+                "iscrowd": 0,
+            }
             if segmentation is not None:
                 ann["segmentation"] = segmentation
             annotations.append(ann)

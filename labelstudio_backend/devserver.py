@@ -130,9 +130,22 @@ class LabelStudioServer:
     def start(self) -> LabelStudioServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
-        cmd = [str(self.exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port), "--enable-legacy-api-token", "--log-level", "WARNING"]
+        cmd = [
+            str(self.exe),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--enable-legacy-api-token",
+            "--log-level",
+            "WARNING",
+        ]
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.data_dir)
+        self.process = subprocess.Popen(
+            cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.data_dir
+        )
         log.close()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

@@ -128,7 +128,9 @@ class TrainingManager:
                 "stage": "starting", "project": project_id, "reason": reason, "force": force, "started_at": time.time(),
                 "iteration": 0, "iterations": self.settings.train_iters,
             }  # fmt: skip
-            self._thread = threading.Thread(target=self._run, args=(int(project_id), label_config, force), name="labelstudio-fit", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(int(project_id), label_config, force), name="labelstudio-fit", daemon=True
+            )
             self._thread.start()
         log.info("training started for project %s (%s)", project_id, reason)
         return {"status": "training_started", "project": project_id}
@@ -153,7 +155,11 @@ class TrainingManager:
         running = self._thread is not None and self._thread.is_alive()
         return {
             "running": running,
-            "serving": {"model_version": self.holder.model_version, "generation": self.holder.generation, "checkpoint": str(self.holder.path) if self.holder.path else None},
+            "serving": {
+                "model_version": self.holder.model_version,
+                "generation": self.holder.generation,
+                "checkpoint": str(self.holder.path) if self.holder.path else None,
+            },
             "promotion_rule": self.promotion_rule(),
             "current": dict(self.current) if running and self.current else None,
             "last": self.last,
@@ -269,7 +275,13 @@ class TrainingManager:
             log.info("training done: model %s promoted%s on %s: %s", self.holder.model_version, " (forced)" if forced else "", split, why)
         else:
             state["candidate"] = str(final)
-            log.warning("training done: %s kept serving, the new model is not promoted on %s: %s (candidate: %s)", self.holder.model_version, split, why, final)
+            log.warning(
+                "training done: %s kept serving, the new model is not promoted on %s: %s (candidate: %s)",
+                self.holder.model_version,
+                split,
+                why,
+                final,
+            )
         write_state(self.work_dir, state)
         return {
             "promoted": better or forced,
@@ -351,7 +363,9 @@ def _prompted_mask_iou(checkpoint: Path, data_dir: Path, split: str, device: str
         if image is None:
             continue
         predictor = predictor or load_predictor(checkpoint, device, branch)
-        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=np.float32)
+        boxes = np.asarray(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=np.float32
+        )
         (instances,) = predictor.predict([image.permute(1, 2, 0).numpy()], boxes=[boxes], use_cache=False)
         for inst, ann in zip(instances, anns):
             true = mask_utils.decode(coco.annToRLE(ann)).astype(bool)

@@ -149,7 +149,9 @@ class ModelHolder:
     def predict(self, images, boxes=None, score_threshold=None, max_instances=None, use_cache=True):
         """:meth:`serving.runtime.Predictor.predict`, one call at a time."""
         with self._lock:
-            return self._predictor.predict(images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
+            return self._predictor.predict(
+                images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache
+            )
 
     def cache_stats(self) -> dict | None:
         """The encoding cache's counters (None for a remote server: see its /metrics)."""

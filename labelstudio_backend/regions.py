@@ -138,7 +138,9 @@ def rectangles_in(results: Sequence[dict] | None, width: int, height: int, to_na
         if not all(k in value for k in ("x", "y", "width", "height")):
             continue
         labels = value.get("rectanglelabels") or []
-        rects.append(Rectangle(percent_to_pixels(value, width, height), labels[0] if labels else None, item.get("id"), item.get("from_name")))
+        rects.append(
+            Rectangle(percent_to_pixels(value, width, height), labels[0] if labels else None, item.get("id"), item.get("from_name"))
+        )
     return rects
 
 

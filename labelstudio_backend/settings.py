@@ -94,7 +94,14 @@ class BackendSettings(BaseSettings):
     resume_trained: bool = True  # on start, serve the last fine-tuned model of this --model if the work dir has one
 
     @field_validator(
-        "basic_auth_user", "basic_auth_pass", "label_studio_api_key", "server_api_key", "local_files_root", "model", "train_device", mode="before"
+        "basic_auth_user",
+        "basic_auth_pass",
+        "label_studio_api_key",
+        "server_api_key",
+        "local_files_root",
+        "model",
+        "train_device",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value):

@@ -237,14 +237,18 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
         st.incoming += 1
         try:
             data, fields = await read_request(request, settings, st.codec_limiter)
-            opts = segment_options(fields, {"score_threshold": score_threshold, "max_instances": max_instances, "mask_format": mask_format}, settings)
+            opts = segment_options(
+                fields, {"score_threshold": score_threshold, "max_instances": max_instances, "mask_format": mask_format}, settings
+            )
             raw_boxes = parse_boxes(fields.get("boxes"), settings.max_boxes)
             if opts.mask_format == "polygon" and not polygon_available():
                 raise ApiError(422, "invalid_request", "mask_format=polygon needs opencv-python-headless on the server; use rle or png")
             t_decode = time.perf_counter()
             p: Predictor = st.predictor
             try:
-                image, cached = await anyio.to_thread.run_sync(_image_ref, data, p, st.uploads, settings.max_pixels, metrics, limiter=st.codec_limiter)
+                image, cached = await anyio.to_thread.run_sync(
+                    _image_ref, data, p, st.uploads, settings.max_pixels, metrics, limiter=st.codec_limiter
+                )
             except ImageError as err:
                 raise ApiError(err.status, err.code, str(err)) from None
             boxes = None
@@ -259,7 +263,9 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
         try:
             result = await st.batcher.submit(SegmentJob(image, boxes, opts.score_threshold, opts.max_instances))
         except QueueFull as err:
-            raise ApiError(503, "queue_full", f"the server is busy: {err}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503, "queue_full", f"the server is busy: {err}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from None
         t_done = time.perf_counter()
         content = await anyio.to_thread.run_sync(_response_json, p, image.hw, result.instances, opts.mask_format, limiter=st.codec_limiter)
         metrics.instances.inc(len(result.instances))
@@ -274,7 +280,9 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
 
     # ---- middleware (outermost last) -------------------------------------------------------------
     if api_key is not None:
-        app.add_middleware(_DocsAuthMiddleware, api_key=api_key, paths={app.openapi_url, app.docs_url, app.redoc_url, "/docs/oauth2-redirect"})
+        app.add_middleware(
+            _DocsAuthMiddleware, api_key=api_key, paths={app.openapi_url, app.docs_url, app.redoc_url, "/docs/oauth2-redirect"}
+        )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -299,7 +307,9 @@ async def _warm_up(app: FastAPI, batcher: MicroBatcher, predictor: Predictor, en
     log.info("model %s (%s, %s) ready", predictor.name, predictor.runtime, predictor.version)
 
 
-def _image_ref(data: bytes, predictor: Predictor, uploads: EncodingCache, max_pixels: int, metrics: ServingMetrics) -> tuple[ImageRef, bool]:
+def _image_ref(
+    data: bytes, predictor: Predictor, uploads: EncodingCache, max_pixels: int, metrics: ServingMetrics
+) -> tuple[ImageRef, bool]:
     """The upload as an :class:`ImageRef` and whether its encoding is cached. An upload seen
     before (same bytes) whose encoding is still cached is neither decoded nor hashed again;
     otherwise it is decoded here (a codec thread) and its pixel digest remembered."""

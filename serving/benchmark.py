@@ -218,7 +218,10 @@ def run_serve_benchmark(
         return _row(name, concurrency, latencies, wall, errors, total / n if n else float("nan"))
 
     http_name = f"HTTP, max_batch_size={max_batch_size}"
-    with _ServerProcess(model, device, max_batch_size, max_wait_ms, server_env) as server, httpx.Client(base_url=server.url, timeout=600) as client:
+    with (
+        _ServerProcess(model, device, max_batch_size, max_wait_ms, server_env) as server,
+        httpx.Client(base_url=server.url, timeout=600) as client,
+    ):
         for i in range(warmup_requests):
             predictor.predict([images[i % len(images)]], score_threshold=thr)
             client.post("/v1/segment", files={"image": ("image.png", payloads[i % len(payloads)], "image/png")}, params=params)
@@ -249,7 +252,15 @@ def run_serve_benchmark(
             predictor.predict(batch, score_threshold=thr)
             per_batch.append(time.perf_counter() - start)
         rows.append(
-            _row(f"bare predictor, batches of {max_batch_size} (p50/p95 per batch)", 1, per_batch, sum(per_batch), 0, float(max_batch_size), max_batch_size)
+            _row(
+                f"bare predictor, batches of {max_batch_size} (p50/p95 per batch)",
+                1,
+                per_batch,
+                sum(per_batch),
+                0,
+                float(max_batch_size),
+                max_batch_size,
+            )
         )
         if 1 in levels:
             rows.append(_row(http_name, 1, one, sum(one), errors, 1.0))
@@ -289,7 +300,9 @@ def _timing(header: str, name: str) -> float:
     return float(m.group(1)) / 1000 if m else 0.0
 
 
-def _row(name: str, concurrency: int, latencies: list[float], wall: float, errors: int, mean_batch: float, images_per_call: int = 1) -> dict[str, Any]:
+def _row(
+    name: str, concurrency: int, latencies: list[float], wall: float, errors: int, mean_batch: float, images_per_call: int = 1
+) -> dict[str, Any]:
     return {
         "name": name,
         "concurrency": concurrency,
@@ -331,7 +344,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     if result["batching_gain"] is not None:
         lines.append(f"Throughput gain, highest concurrency vs concurrency 1: {result['batching_gain']:.2f}x")
     if result["batching_gain_vs_unbatched"] is not None:
-        lines.append(f"Throughput gain of batching at the highest concurrency (vs max_batch_size=1): {result['batching_gain_vs_unbatched']:.2f}x")
+        lines.append(
+            f"Throughput gain of batching at the highest concurrency (vs max_batch_size=1): {result['batching_gain_vs_unbatched']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -387,7 +402,10 @@ def prompt_latency(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     rows: list[dict[str, Any]] = []
-    sets = {hw: (benchmark_images(num_images, hw, seed=7), [prompt_boxes(hw, boxes_per_image, seed=k) for k in range(num_images)]) for hw in map(tuple, image_sizes)}
+    sets = {
+        hw: (benchmark_images(num_images, hw, seed=7), [prompt_boxes(hw, boxes_per_image, seed=k) for k in range(num_images)])
+        for hw in map(tuple, image_sizes)
+    }
 
     def per_size(call, path: str, cache: str) -> None:
         for hw, (images, boxes) in sets.items():
@@ -397,7 +415,9 @@ def prompt_latency(
                     start = time.perf_counter()
                     call(im, b)
                     (first if j == 0 else rest).append(time.perf_counter() - start)
-            rows.append({"path": path, "cache": cache, "image": f"{hw[1]}x{hw[0]}", "first_box": _summary(first), "next_boxes": _summary(rest)})
+            rows.append(
+                {"path": path, "cache": cache, "image": f"{hw[1]}x{hw[0]}", "first_box": _summary(first), "next_boxes": _summary(rest)}
+            )
 
     predictor = load_predictor(model, device)
     runtime = predictor.runtime
@@ -493,7 +513,12 @@ def register(bench: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``boxteacher benchmark serve``."""
     p.add_argument("--model", default=None, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine)")
-    p.add_argument("--random-model", default=None, metavar="RECIPE", help="instead of --model: a random conditioned checkpoint of RECIPE (backbone weights none) and its ONNX export, both benchmarked")
+    p.add_argument(
+        "--random-model",
+        default=None,
+        metavar="RECIPE",
+        help="instead of --model: a random conditioned checkpoint of RECIPE (backbone weights none) and its ONNX export, both benchmarked",
+    )
     p.add_argument("--workdir", default="bench-serve", help="where --random-model writes its models (reused)")
     p.add_argument("--prompts", action="store_true", help="the annotator's loop: first box vs next boxes on the same image, cache on/off")
     p.add_argument("--prompt-sizes", default="480x640,1080x1920", help="HxW image sizes of --prompts (default 480x640,1080x1920)")
@@ -527,7 +552,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _run_one(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     if args.prompts:
         sizes = [tuple(int(v) for v in hw.split("x")) for hw in str(args.prompt_sizes).split(",") if hw.strip()]
-        result = prompt_latency(model, sizes, args.prompt_images, args.boxes_per_image, device=args.device, torch_threads=args.torch_threads)
+        result = prompt_latency(
+            model, sizes, args.prompt_images, args.boxes_per_image, device=args.device, torch_threads=args.torch_threads
+        )
         print(format_prompt_markdown(result), flush=True)
         return result
     result = run_serve_benchmark(

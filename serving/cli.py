@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(e.g. BOXTEACHER_API_KEY, BOXTEACHER_MAX_BATCH_SIZE, BOXTEACHER_CORS_ORIGINS); flags win."
         ),
     )
-    p.add_argument("--model", default=None, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine) [env BOXTEACHER_MODEL]")
+    p.add_argument(
+        "--model", default=None, help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.engine) [env BOXTEACHER_MODEL]"
+    )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in Docker)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")

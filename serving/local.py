@@ -24,7 +24,9 @@ class LocalServer:
     until /readyz answers 200 (``ready_timeout`` seconds), and stops it on exit.
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 120.0, headers: dict | None = None):
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 120.0, headers: dict | None = None
+    ):
         self.app = app
         self.host = host
         self.port = port or free_port(host)

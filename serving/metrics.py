@@ -35,7 +35,10 @@ class ServingMetrics:
         self.instances = Counter("boxteacher_instances", "Instances returned", registry=r)
         self.model = Info("boxteacher_model", "The served model", registry=r)
         self.decodes = Counter(
-            "boxteacher_image_decodes", "Uploaded images decoded, or skipped (same bytes as an upload whose encoding is cached)", ["result"], registry=r
+            "boxteacher_image_decodes",
+            "Uploaded images decoded, or skipped (same bytes as an upload whose encoding is cached)",
+            ["result"],
+            registry=r,
         )
         self._cache_stats: Callable[[], dict] | None = None
         r.register(_CacheCollector(lambda: self._cache_stats() if self._cache_stats else None))
@@ -66,9 +69,17 @@ class _CacheCollector:
         s = self.stats()
         if s is None:
             return
-        for name, doc in (("hits", "Requests whose image encoding was in the cache"), ("misses", "Image encodings computed"), ("evictions", "Encodings dropped to stay under the byte limit")):
+        for name, doc in (
+            ("hits", "Requests whose image encoding was in the cache"),
+            ("misses", "Image encodings computed"),
+            ("evictions", "Encodings dropped to stay under the byte limit"),
+        ):
             yield CounterMetricFamily(f"boxteacher_encoding_cache_{name}", doc, value=s[name])
-        for name, doc in (("bytes", "Bytes held by cached encodings"), ("entries", "Cached encodings"), ("max_bytes", "Byte limit of the encoding cache")):
+        for name, doc in (
+            ("bytes", "Bytes held by cached encodings"),
+            ("entries", "Cached encodings"),
+            ("max_bytes", "Byte limit of the encoding cache"),
+        ):
             yield GaugeMetricFamily(f"boxteacher_encoding_cache_{name}", doc, value=s[name])
 
 

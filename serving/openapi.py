@@ -33,9 +33,7 @@ curl -F image=@photo.jpg -F 'boxes=[[10,20,200,300]]' http://127.0.0.1:8000/v1/s
 """
 
 # a 320x320 grey PNG: the JSON example is a request that works
-EXAMPLE_PNG_BASE64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAUAAAAFACAAAAADo+/p2AAABmUlEQVR42u3QQQEAAAQEMCS/6EJ42iKsU1yMAoECBQpEoECBAhEoUKBABAoUKBCBAgUKRKBAgQIRKFCgQAQKFCgQgQIFCkSgQIECEShQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFIhAgQIFIlCgQIEIFChQIAIFChQoUIFAgQIFIlCgQIEIFChQIAIFChSIQIECBSJQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFCgQAQKFCgQgQIFCkSgQIECEShQoEAEChQoEIECBQpEoECBAhEoUKBABAoUKBCBAgUKFKhAoECBAhEoUKBABAoUKBCBAgUKRKBAgQIRKFCgQAQKFCgQgQIFCkSgQIECEShQoEAEChQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFIhAgQIFIlCgQIEIFChQIAIFChSIQIECBQpUIFCgQIEIFChQIAIFChSIQIECBSJQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFCgQgQIFCkSgQIECEShQoEAEChT4wwLp8QMAHbRtsQAAAABJRU5ErkJggg=="
-)
+EXAMPLE_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAUAAAAFACAAAAADo+/p2AAABmUlEQVR42u3QQQEAAAQEMCS/6EJ42iKsU1yMAoECBQpEoECBAhEoUKBABAoUKBCBAgUKRKBAgQIRKFCgQAQKFCgQgQIFCkSgQIECEShQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFIhAgQIFIlCgQIEIFChQIAIFChQoUIFAgQIFIlCgQIEIFChQIAIFChSIQIECBSJQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFCgQAQKFCgQgQIFCkSgQIECEShQoEAEChQoEIECBQpEoECBAhEoUKBABAoUKBCBAgUKFKhAoECBAhEoUKBABAoUKBCBAgUKRKBAgQIRKFCgQAQKFCgQgQIFCkSgQIECEShQoEAEChQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFIhAgQIFIlCgQIEIFChQIAIFChSIQIECBQpUIFCgQIEIFChQIAIFChSIQIECBSJQoECBCBQoUCACBQoUiECBAgUiUKBAgQgUKFAgAgUKFCgQgQIFCkSgQIECEShQoEAEChT4wwLp8QMAHbRtsQAAAABJRU5ErkJggg=="
 
 _FIELDS_SCHEMA = {
     "boxes": {
@@ -56,7 +54,10 @@ SEGMENT_REQUEST_BODY = {
                 "type": "object",
                 "required": ["image"],
                 "additionalProperties": False,
-                "properties": {"image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP, TIFF or GIF"}, **_FIELDS_SCHEMA},
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP, TIFF or GIF"},
+                    **_FIELDS_SCHEMA,
+                },
             },
             "encoding": {"image": {"contentType": "image/*, application/octet-stream"}},
         },
@@ -91,7 +92,10 @@ SEGMENT_RESPONSES = {
                 "example": "decode;dur=4.1, queue;dur=0.3, inference;dur=95.2, encode;dur=12.0",
             },
             "X-Batch-Size": {"description": "images in the inference batch this one ran in", "schema": {"type": "string"}},
-            "X-Cache": {"description": "hit: the image's encoding was in the cache (only the prompt part ran); miss: encoded now", "schema": {"type": "string"}},
+            "X-Cache": {
+                "description": "hit: the image's encoding was in the cache (only the prompt part ran); miss: encoded now",
+                "schema": {"type": "string"},
+            },
         }
     },
     400: doc("corrupt or truncated image, empty file, bad base64, malformed JSON or multipart"),

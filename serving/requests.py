@@ -54,7 +54,9 @@ async def read_request(request: Request, settings: ServeSettings, limiter: anyio
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("multipart/form-data", "application/json"):
         raise ApiError(
-            415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not supported; send multipart/form-data or application/json"
+            415,
+            "unsupported_media_type",
+            f"Content-Type {ctype or '(none)'!r} is not supported; send multipart/form-data or application/json",
         )
     body = await _read_body(request, settings.max_body_bytes)
     if ctype == "application/json":

@@ -208,9 +208,7 @@ class Predictor(ABC):
             sizes.append(hw)
             clipped.append(None if box_list[i] is None else validate_boxes(box_list[i], hw))
         encodings = self.encode(checked, use_cache)
-        return [
-            self._finish(enc, hw, b, thr, lim) for enc, hw, b, thr, lim in zip(encodings, sizes, clipped, thresholds, limits)
-        ]
+        return [self._finish(enc, hw, b, thr, lim) for enc, hw, b, thr, lim in zip(encodings, sizes, clipped, thresholds, limits)]
 
     def cache_key(self, image: np.ndarray | ImageRef) -> tuple[str, str]:
         """The encoding cache's key of an image: (model version, content digest)."""
@@ -280,9 +278,7 @@ class Predictor(ABC):
             pm = box_prompted_masks(torch.from_numpy(boxes), enc, prompt, output_hw, self.mask_threshold, self.mask_stride)
             masks = pm.masks.cpu().numpy()
             labels, det, scores = pm.labels.tolist(), pm.det_scores.tolist(), pm.mask_scores.tolist()
-            return [
-                self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k]) for k in range(boxes.shape[0])
-            ]
+            return [self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k]) for k in range(boxes.shape[0])]
 
         det_boxes = scale_boxes(enc.boxes.float(), enc.input_hw, output_hw)
         order = torch.argsort(enc.scores.float(), descending=True, stable=True)
@@ -316,7 +312,9 @@ def _check_image(image, index: int) -> np.ndarray:
 
 def _no_prompt(enc: ImageEncoding) -> PromptOutput:
     dev = enc.mask_probs.device
-    return PromptOutput(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev), torch.zeros(0, *enc.mask_probs.shape[-2:], device=dev))
+    return PromptOutput(
+        torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev), torch.zeros(0, *enc.mask_probs.shape[-2:], device=dev)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,11 +423,14 @@ class _ExportedPredictor(Predictor):
 
     def _prompt(self, encoding: ImageEncoding, boxes: Tensor) -> PromptOutput:
         raw = self.exported.prompt(encoding.features, self._feed(boxes.float().contiguous()))
-        return PromptOutput(_tensor(raw["prompt_labels"]).long(), _tensor(raw["prompt_det_scores"]).float(), _tensor(raw["prompt_masks"]).float())
+        return PromptOutput(
+            _tensor(raw["prompt_labels"]).long(), _tensor(raw["prompt_det_scores"]).float(), _tensor(raw["prompt_masks"]).float()
+        )
 
     def _feed(self, t: Tensor):
         """What the runtime takes: numpy for ONNX Runtime (TensorRT takes the tensor)."""
         return t.numpy()
+
 
 def _tensor(value) -> Tensor:
     """A runtime output as a tensor (numpy arrays are wrapped without copying)."""

@@ -1,4 +1,4 @@
-"""The direction of imports (design: architecture.md): serving and export use the model
+"""The direction of imports (README, "Layout"): serving and export use the model
 (training.model, training.config, training.checkpoint), never the training method's own
 modules; export/ has no import cycle. Read from the source with ast, imports inside
 functions included."""
@@ -8,9 +8,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
-TRAINING_LOOP = ("training.boxteacher", "training.losses", "training.criterion", "training.engine", "training.train", "training.pseudo_label")
+TRAINING_LOOP = (
+    "training.boxteacher",
+    "training.losses",
+    "training.criterion",
+    "training.engine",
+    "training.train",
+    "training.pseudo_label",
+)
 
 
 def imports(path: Path) -> set[str]:
@@ -41,7 +48,9 @@ def test_serving_and_export_do_not_import_the_training_method():
 
 def test_model_imports_nothing_above_it():
     for path in (REPO / "training" / "model").glob("*.py"):
-        bad = sorted(m for m in imports(path) if m.split(".")[0] in ("serving", "export", "labelstudio_backend") or m.startswith(TRAINING_LOOP))
+        bad = sorted(
+            m for m in imports(path) if m.split(".")[0] in ("serving", "export", "labelstudio_backend") or m.startswith(TRAINING_LOOP)
+        )
         assert not bad, f"training/model/{path.name} imports {bad}"
 
 

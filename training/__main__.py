@@ -1,6 +1,6 @@
 """``python -m training ...`` = ``boxteacher ...``; what torchrun runs:
 
-    torchrun --nproc_per_node 8 -m training train --config C --data D --output O
+torchrun --nproc_per_node 8 -m training train --config C --data D --output O
 """
 
 import sys

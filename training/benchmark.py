@@ -302,7 +302,17 @@ def write_authors_image(folder: str | Path, seed: int = 0) -> Path:
         image[inside] = colour + 25 * np.sin(xx[inside, None] / 6.0)
         rle = mask_utils.encode(np.asfortranarray(inside.astype(np.uint8)))
         rle["counts"] = rle["counts"].decode("ascii")
-        anns.append({"id": k + 1, "image_id": 1, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(inside.sum()), "iscrowd": 0, "segmentation": rle})
+        anns.append(
+            {
+                "id": k + 1,
+                "image_id": 1,
+                "category_id": cat,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": float(inside.sum()),
+                "iscrowd": 0,
+                "segmentation": rle,
+            }
+        )
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / "images" / "bench.png")
     coco = {
         "images": [{"id": 1, "file_name": "bench.png", "height": 512, "width": 512}],

@@ -1,6 +1,6 @@
 """The teacher side of BoxTeacher, one equation or step per function.
 
-method.md §3 and implementation-notes.md §1.2-§1.7:
+docs/method.md, "BoxTeacher" (and where the authors' code differs from the paper: "Where we differ"):
 - :func:`ema_momentum`, :func:`ema_update_`: the EMA teacher;
 - :func:`mean_foreground_probability`, :func:`mask_aware_score`, :func:`authors_pseudo_weight`,
   :func:`quality_score`: pseudo-mask quality;
@@ -80,13 +80,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In-place EMA of the student's parameters into the teacher's (method.md §3).
+    """In-place EMA of the student's parameters into the teacher's (docs/method.md, "BoxTeacher").
 
         theta_t <- m * theta_t + (1 - m) * theta_s       (as lerp: theta_t + (1-m)(theta_s - theta_t))
 
     Parameters only: buffers (BatchNorm running statistics, iteration counters) are **not**
     averaged, as in the authors' hook. The teacher's BN running statistics therefore come
-    from the teacher's own train-mode forwards (implementation-notes.md §1.1); copy the
+    from the teacher's own train-mode forwards (as in the authors' code); copy the
     whole state dict once at iteration 0 if the teacher must start from the student's buffers.
 
     Either module may be wrapped in ``DistributedDataParallel``/``DataParallel`` (``.module``
@@ -150,7 +150,7 @@ def quality_score(
     gt_boxes: Tensor | None = None,
     mask_threshold: float = 0.5,
 ) -> Tensor:
-    """Pseudo-mask quality score for the quality-score ablation of method.md §5.
+    """Pseudo-mask quality score for the quality-score ablation (paper Table 5; docs/method.md, "BoxTeacher").
 
     kinds:
     - ``"none"``: 1;
@@ -198,9 +198,7 @@ def quality_score(
 # --------------------------------------------------------------------------------------
 
 
-def gather_assigned_masks(
-    pred_masks: Tensor, pred_weights: Tensor, matched_index: Tensor
-) -> tuple[Tensor, Tensor]:
+def gather_assigned_masks(pred_masks: Tensor, pred_weights: Tensor, matched_index: Tensor) -> tuple[Tensor, Tensor]:
     """Per-GT pseudo masks and weights from the assignment (authors' ``gt_bitmasks``, ``gt_masks_flags``).
 
     Args:
@@ -223,7 +221,7 @@ def gather_assigned_masks(
 
 
 def crop_masks_to_boxes(masks: Tensor, boxes: Tensor) -> Tensor:
-    """Zero each mask outside its box (method.md §3: the pseudo mask is cropped to its box).
+    """Zero each mask outside its box (docs/method.md, "BoxTeacher": the pseudo mask is cropped to its box).
 
         out_k(y, x) = m_k(y, x) * B_k(y, x),   B_k: :func:`training.model.boxes.box_masks` at stride 1
 
@@ -293,9 +291,7 @@ def refine_pseudo_masks(pseudo: Tensor) -> Tensor:
     return (F.avg_pool2d(p, kernel_size=3, stride=1, padding=1, count_include_pad=True) + p) / 2.0
 
 
-def pseudo_affinity(
-    refined: Tensor, valid: Tensor | None = None, kernel_size: int = 3, dilation: int = 2
-) -> Tensor:
+def pseudo_affinity(refined: Tensor, valid: Tensor | None = None, kernel_size: int = 3, dilation: int = 2) -> Tensor:
     """Pseudo affinity mu_ij of each pixel with its 8 dilated neighbours (paper, the affinity used in eq. 5).
 
         A_ij = g~_i g~_j + (1 - g~_i)(1 - g~_j),   times valid_j
@@ -401,7 +397,7 @@ def noise_aware_pseudo_mask_loss(
     kernel_size: int = 3,
     dilation: int = 2,
 ) -> dict[str, Tensor]:
-    """Noise-aware pseudo-mask loss ``L_mask-sup`` (paper §3, "noise-aware pseudo mask loss"; method.md §3).
+    """Noise-aware pseudo-mask loss ``L_mask-sup`` (paper §3, "noise-aware pseudo mask loss"; docs/method.md, "BoxTeacher").
 
         L = (1 / N_p) * sum_k s_k * (lambda_p * L_pixel,k + lambda_a * L_aff,k) * warmup
         N_p = max(#{k : s_k > 0}, 1)
@@ -451,9 +447,7 @@ def noise_aware_pseudo_mask_loss(
     if use_affinity:
         refined = refine_pseudo_masks(pseudo_soft.reshape(num, 1, *pseudo_soft.shape[-2:]))
         affinity = pseudo_affinity(refined, valid, kernel_size, dilation)
-        per_aff = affinity_loss(
-            mask_logits, affinity, box_masks, affinity_threshold, affinity_mode, kernel_size, dilation, refined
-        )
+        per_aff = affinity_loss(mask_logits, affinity, box_masks, affinity_threshold, affinity_mode, kernel_size, dilation, refined)
         loss_aff = (s * per_aff).sum() / num_pseudo
     else:
         loss_aff = zero.clone()

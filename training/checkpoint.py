@@ -62,8 +62,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {err}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a boxteacher checkpoint; convert the authors' checkpoints with "
-            "'boxteacher convert --from authors'"
+            f"{path} is not a boxteacher checkpoint; convert the authors' checkpoints with 'boxteacher convert --from authors'"
         )
     return ckpt
 

@@ -89,7 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Exit status: 0 training can proceed (skipped or kept problems are listed), 1 it cannot (fatal problems), 2 no such folder.",
     )
     p.add_argument("data", help="dataset folder with images/ and annotations/*.json")
-    p.add_argument("--split", action="append", default=None, help="check this split only (repeatable; default: train and every other annotations/*.json)")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="check this split only (repeatable; default: train and every other annotations/*.json)",
+    )
     p.add_argument(
         "--images", choices=["exists", "header", "decode"], default="decode",
         help="how far image files are read: exists, header (size, EXIF rotation), decode (also finds truncated files; default)",
@@ -192,7 +197,9 @@ def cmd_train(args) -> int:
             "then `boxteacher eval` gives box AP on a box-only split"
         )
     with launch(args.device) as device:
-        final = train(cfg, args.data, args.output, device=device, progress=not args.no_progress, resume=args.resume, evaluate=not args.no_eval)
+        final = train(
+            cfg, args.data, args.output, device=device, progress=not args.no_progress, resume=args.resume, evaluate=not args.no_eval
+        )
         if is_main_process():
             print(f"checkpoint: {final}")
             if not args.no_eval:

@@ -199,7 +199,10 @@ class Config(_Section):
         1.0 with mask supervision, 0.0 with box supervision."""
         auto = 0.0 if self.box_supervised else 1.0
         m = self.model.mask
-        return (auto if m.controller_grad_scale is None else m.controller_grad_scale, auto if m.branch_grad_scale is None else m.branch_grad_scale)
+        return (
+            auto if m.controller_grad_scale is None else m.controller_grad_scale,
+            auto if m.branch_grad_scale is None else m.branch_grad_scale,
+        )
 
     @property
     def clip_mode(self) -> str:
@@ -215,9 +218,7 @@ class Config(_Section):
         if len(self.model.fcos.sizes_of_interest) != len(self.model.fcos.strides) - 1:
             raise ValueError("model.fcos.sizes_of_interest needs one value less than model.fcos.strides")
         if self.class_names and len(self.class_names) != self.model.num_classes:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} names but model.num_classes is {self.model.num_classes}"
-            )
+            raise ValueError(f"class_names has {len(self.class_names)} names but model.num_classes is {self.model.num_classes}")
         return self
 
 

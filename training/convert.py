@@ -117,7 +117,9 @@ def _infer_head_channels(num_params: int, in_channels: int, layers: int = 3) -> 
     raise ConversionError(f"controller outputs {num_params} parameters: no 3-layer dynamic head on {in_channels} mask channels fits")
 
 
-def authors_config(state: dict[str, torch.Tensor], kind: str, class_names: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+def authors_config(
+    state: dict[str, torch.Tensor], kind: str, class_names: list[str] | None = None, overrides: list[str] | None = None
+) -> Config:
     """A Config that reproduces the architecture the weights come from."""
     num_classes = state["proposal_generator.fcos_head.cls_logits.weight"].shape[0]
     mask_out = state["mask_branch.tower.4.weight"].shape[0]

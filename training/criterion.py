@@ -56,7 +56,7 @@ def select_mask_proposals(targets: FCOSTargets, flat: dict[str, Tensor], num_ima
             pos = pos[torch.randperm(pos.numel(), generator=generator, device=pos.device)[:limit]]
         return pos
     k = cfg.model.mask.topk_proposals_per_image
-    quality = (flat["cls_logits"][pos].detach().sigmoid().max(dim=1).values * flat["ctrness"][pos].detach().sigmoid())
+    quality = flat["cls_logits"][pos].detach().sigmoid().max(dim=1).values * flat["ctrness"][pos].detach().sigmoid()
     per_image = targets.labels.shape[0] // num_images
     image_of = pos // per_image
     keep = []
@@ -101,7 +101,13 @@ def losses_from_outputs(
     receives :func:`training.health.mask_health` of the training proposals."""
     num_classes = cfg.model.num_classes
     feature_hw = [tuple(t.shape[-2:]) for t in head.cls_logits]
-    targets = fcos_targets(feature_hw, [b.to(batch.images.device) for b in batch.boxes], [labels.to(batch.images.device) for labels in batch.labels], num_classes, cfg.model.fcos)
+    targets = fcos_targets(
+        feature_hw,
+        [b.to(batch.images.device) for b in batch.boxes],
+        [labels.to(batch.images.device) for labels in batch.labels],
+        num_classes,
+        cfg.model.fcos,
+    )
     flat = flatten_head_outputs(head)
     losses = fcos_losses(flat, targets, num_classes, cfg.model.fcos, reduce_mean)
 
@@ -140,11 +146,23 @@ def losses_from_outputs(
         return losses
 
     bi = cfg.boxinst
-    similarity = image_color_similarity(batch.raw_images.to(logits.device), valid, stride, bi.pairwise_size, bi.pairwise_dilation, bi.color_theta)
+    similarity = image_color_similarity(
+        batch.raw_images.to(logits.device), valid, stride, bi.pairwise_size, bi.pairwise_dilation, bi.color_theta
+    )
     losses.update(
         boxinst_losses(
-            logits, boxes_s4, similarity[image_index], iteration, bi.pairwise_warmup_iters, bi.color_threshold, bi.pairwise_size,
-            bi.pairwise_dilation, bi.outside_weight, valid_s4[:, 0], bi.projection_bce_weight, bi.projection_in_image,
+            logits,
+            boxes_s4,
+            similarity[image_index],
+            iteration,
+            bi.pairwise_warmup_iters,
+            bi.color_threshold,
+            bi.pairwise_size,
+            bi.pairwise_dilation,
+            bi.outside_weight,
+            valid_s4[:, 0],
+            bi.projection_bce_weight,
+            bi.projection_in_image,
         )  # fmt: skip
     )
     if cfg.method == "boxteacher":

@@ -1,4 +1,4 @@
-"""One BoxTeacher training step, as named functions (architecture.md, "data flow").
+"""One BoxTeacher training step, as named functions (docs/method.md, "BoxTeacher").
 
 1. :func:`student_batch`: the loader's images (geometry already augmented) -> the
    student's input, with the strong photometric augmentation for BoxTeacher;
@@ -55,7 +55,9 @@ def student_batch(
 
 
 @torch.no_grad()
-def teacher_pseudo_masks(teacher: CondInst, images: list[Tensor], batch: StudentBatch, cfg: Config) -> tuple[list[tuple[Tensor, Tensor, Tensor]], dict[str, float]]:
+def teacher_pseudo_masks(
+    teacher: CondInst, images: list[Tensor], batch: StudentBatch, cfg: Config
+) -> tuple[list[tuple[Tensor, Tensor, Tensor]], dict[str, float]]:
     """Pseudo masks for every GT box of the batch, in the student's geometry.
 
     The teacher sees the un-jittered images (same flip and scale as the student),
@@ -89,7 +91,9 @@ def teacher_pseudo_masks(teacher: CondInst, images: list[Tensor], batch: Student
             quality = probs.new_zeros(gt_boxes.shape[0])
         else:
             quality = quality_score(bt.quality, det.dets.det_scores[sel], probs, gt_box_masks, pred_boxes[sel], gt_boxes, thr)
-        masks, weights = gather_assigned_masks((probs > thr).float(), quality, torch.where(has, torch.arange(len(has), device=has.device), -1))
+        masks, weights = gather_assigned_masks(
+            (probs > thr).float(), quality, torch.where(has, torch.arange(len(has), device=has.device), -1)
+        )
         soft, binary = pseudo_mask_targets(masks, gt_boxes, padded_hw, cfg.model.mask.out_stride, thr)
         out.append((soft, binary, weights))
         num_assigned += int(has.sum())

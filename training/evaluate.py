@@ -34,7 +34,9 @@ def encode_mask(mask: np.ndarray) -> dict:
     return rle
 
 
-def instances_to_coco(inst: Instances, image_id: int, label_to_category_id: list[int], mask_mode: str = "mask") -> tuple[list[dict], list[dict]]:
+def instances_to_coco(
+    inst: Instances, image_id: int, label_to_category_id: list[int], mask_mode: str = "mask"
+) -> tuple[list[dict], list[dict]]:
     """One image's predictions -> (bbox results, segm results) in COCO result format."""
     boxes = inst.boxes.cpu()
     if mask_mode == "box":
@@ -45,8 +47,12 @@ def instances_to_coco(inst: Instances, image_id: int, label_to_category_id: list
     for k in range(len(inst)):
         x1, y1, x2, y2 = boxes[k].tolist()
         category_id = int(label_to_category_id[int(inst.labels[k])])
-        bbox.append({"image_id": image_id, "category_id": category_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(inst.det_scores[k])})
-        segm.append({"image_id": image_id, "category_id": category_id, "segmentation": encode_mask(masks[k]), "score": float(inst.scores[k])})
+        bbox.append(
+            {"image_id": image_id, "category_id": category_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(inst.det_scores[k])}
+        )
+        segm.append(
+            {"image_id": image_id, "category_id": category_id, "segmentation": encode_mask(masks[k]), "score": float(inst.scores[k])}
+        )
     return bbox, segm
 
 
@@ -66,7 +72,9 @@ def coco_metrics(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: l
 
 
 @torch.no_grad()
-def predict_dataset(model: CondInst, dataset: CocoInstances, mask_mode: str = "mask", max_images: int | None = None) -> tuple[list[dict], list[dict], list[int]]:
+def predict_dataset(
+    model: CondInst, dataset: CocoInstances, mask_mode: str = "mask", max_images: int | None = None
+) -> tuple[list[dict], list[dict], list[int]]:
     """Run the model on every image (original size in, original size out)."""
     model.eval()
     bbox, segm, ids = [], [], []
@@ -86,7 +94,9 @@ def predict_dataset(model: CondInst, dataset: CocoInstances, mask_mode: str = "m
     return bbox, segm, ids
 
 
-def evaluate_model(model: CondInst, data_dir: str | Path, split: str = "val", mask_mode: str = "mask", max_images: int | None = None) -> dict:
+def evaluate_model(
+    model: CondInst, data_dir: str | Path, split: str = "val", mask_mode: str = "mask", max_images: int | None = None
+) -> dict:
     """{"segm": {...}, "bbox": {...}, "num_images": n} for the model on DIR/annotations/SPLIT.json."""
     class_agnostic = bool(model.cfg.data.class_agnostic)
     dataset = CocoInstances(data_dir, split, class_agnostic=class_agnostic)

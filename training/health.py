@@ -80,7 +80,7 @@ def mask_box_area_ratio(mask_probs: Tensor, box_masks: Tensor, valid: Tensor | N
 def saturated_logit_fraction(mask_logits: Tensor, valid: Tensor | None = None, limit: float = SATURATION_LOGIT) -> Tensor:
     """Share of valid pixels whose logit is beyond +-``limit``.
 
-        f = sum_i 1[|x_i| > limit] v_i / sum_i v_i    (0 if no valid pixel)
+    f = sum_i 1[|x_i| > limit] v_i / sum_i v_i    (0 if no valid pixel)
     """
     x = mask_logits.float().reshape(mask_logits.shape[0], *mask_logits.shape[-2:])
     v = _valid_pixels(x, valid)

@@ -1,6 +1,6 @@
 """Box-supervised mask losses (BoxInst), one equation per function.
 
-These are the ``L_box-sup`` terms of BoxTeacher (method.md §2, implementation-notes.md §3),
+These are the ``L_box-sup`` terms of BoxTeacher (docs/method.md, "Box supervision: BoxInst's losses"),
 written as pure tensor functions so that each one can be checked by hand on tiny tensors.
 
 Conventions used throughout:
@@ -437,7 +437,7 @@ def outside_box_loss(mask_logits: Tensor, box_masks: Tensor, valid: Tensor | Non
 def linear_warmup(iteration: int, warmup_iters: int) -> float:
     """Linear warm-up factor (BoxInst pairwise loss; BoxTeacher pseudo-mask losses).
 
-        warm(t) = min(t / warmup_iters, 1),   1 if warmup_iters <= 0,   0 for t < 0
+    warm(t) = min(t / warmup_iters, 1),   1 if warmup_iters <= 0,   0 for t < 0
     """
     if warmup_iters <= 0:
         return 1.0
@@ -458,7 +458,7 @@ def boxinst_losses(
     projection_bce_weight: float = 0.0,
     projection_in_image: bool = False,
 ) -> dict[str, Tensor]:
-    """``L_box-sup`` for the kept proposals (BoxInst; method.md §2).
+    """``L_box-sup`` for the kept proposals (BoxInst; docs/method.md, "Box supervision").
 
         loss_prj      = mean_k L_proj(sigmoid(x_k), B_k)
         loss_pairwise = L_pair(x, 1[S >= 0.3] * B) * warm(iteration)

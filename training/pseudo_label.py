@@ -74,7 +74,9 @@ def pseudo_label_image(
     """
     if not anns:
         return [], []
-    gt = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32)
+    gt = torch.tensor(
+        [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32
+    )
     inst = model.predict([image], return_probs=True)[0]
     matched = assign_pseudo_masks(inst.boxes.cpu(), inst.scores.cpu(), gt, iou_threshold, score_threshold)
     threshold = model.cfg.model.mask.threshold
@@ -87,7 +89,9 @@ def pseudo_label_image(
             score = mask_aware_score(inst.det_scores[k : k + 1].float().cpu(), probs, box_masks(gt[g : g + 1], h, w, stride=1), threshold)
             mask = (probs[0] > threshold).numpy()
             if mask.any():
-                pseudo.append({**ann, "segmentation": encode_mask(mask), "area": float(mask.sum()), "score": float(score[0]), "pseudo": True})
+                pseudo.append(
+                    {**ann, "segmentation": encode_mask(mask), "area": float(mask.sum()), "score": float(score[0]), "pseudo": True}
+                )
                 continue
         unmatched.append(int(ann["id"]))
     return pseudo, unmatched
@@ -259,7 +263,15 @@ def pseudo_label_to_file(
         if problem is None:
             done = set(_index_parts(parts))
             todo = [i for i in dataset.image_ids if i not in done]
-            log.info("pseudo-labelling %s/%s: %d images, %d already in %s, %d processes", data_dir, split, len(dataset.image_ids), len(done), parts, world)
+            log.info(
+                "pseudo-labelling %s/%s: %d images, %d already in %s, %d processes",
+                data_dir,
+                split,
+                len(dataset.image_ids),
+                len(done),
+                parts,
+                world,
+            )
         else:
             todo = problem
     todo = group.share(todo)
@@ -343,7 +355,11 @@ def merge_parts(parts: Path, dataset: CocoInstances, output: Path, run_key: dict
                 "unmatched_boxes": len(unmatched),
                 "quality": quality.result() if has_masks else None,
             }
-            info = {"description": f"pseudo masks from a frozen model on {Path(dataset.root).name}/{dataset.split}", "settings": run_key, **summary}
+            info = {
+                "description": f"pseudo masks from a frozen model on {Path(dataset.root).name}/{dataset.split}",
+                "settings": run_key,
+                **summary,
+            }
             f.write('],"review_order":' + json.dumps(order) + ',"info":' + json.dumps(info) + "}")
         tmp.replace(output)
     except BaseException:
@@ -425,7 +441,9 @@ def _iou(a: dict, b: dict) -> float:
     return float(mask_utils.iou([a], [b], [0])[0, 0])
 
 
-def pseudo_label_dataset(model: CondInst, data_dir: str | Path, split: str = "train", iou_threshold: float = 0.5, score_threshold: float = 0.05) -> dict:
+def pseudo_label_dataset(
+    model: CondInst, data_dir: str | Path, split: str = "train", iou_threshold: float = 0.5, score_threshold: float = 0.05
+) -> dict:
     """The pseudo-label COCO dict of ``split`` in memory (one process; small splits: tests,
     benchmarks). The same file :func:`pseudo_label_to_file` writes, read back."""
     with tempfile.TemporaryDirectory() as tmp:

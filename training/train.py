@@ -164,7 +164,9 @@ def build_train_loader(
     iterations (same order as an uninterrupted run). ``loader.sampler.start_epoch`` is
     the epoch to start from."""
     transforms = build_train_transforms(cfg.input.min_size_train, cfg.input.max_size_train, cfg.input.hflip_prob)
-    dataset = CocoInstances(data_dir, "train", with_masks=cfg.method == "condinst", transforms=transforms, class_agnostic=cfg.data.class_agnostic)
+    dataset = CocoInstances(
+        data_dir, "train", with_masks=cfg.method == "condinst", transforms=transforms, class_agnostic=cfg.data.class_agnostic
+    )
     batch = per_process_batch(cfg, world_size)
     sampler = dist_utils.ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=cfg.train.seed)
     epoch, skip = dist_utils.start_position(start_iteration, len(sampler), batch)
@@ -330,7 +332,9 @@ class Trainer:
             set_rng_state(rngs[self.dist.rank])
         else:
             if rngs:
-                log.warning("resume: the checkpoint has RNG states of %d processes, this run has %d: reseeding", len(rngs), self.dist.world_size)
+                log.warning(
+                    "resume: the checkpoint has RNG states of %d processes, this run has %d: reseeding", len(rngs), self.dist.world_size
+                )
             seed_everything(self.cfg.train.seed + self.dist.rank + 1000 * self.iteration)
         log.info("resumed from %s at iteration %d (lr %.6g)", path, self.iteration, self.optimizer.param_groups[0]["lr"])
 

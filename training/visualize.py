@@ -221,7 +221,10 @@ def truth_vs_prediction(
             ("image", Image.fromarray(upscale(_hwc(image), s))),
             ("true masks (never used in training)", draw_overlay(image, target["boxes"], target["masks"], truth_tags, s)),
             ("filled boxes (box-only baseline)", draw_overlay(image, inst.boxes, box_fill_masks(inst.boxes, h, w), names, s, colours)),
-            (f"{method} masks, mask-aware score", draw_overlay(image, inst.boxes, inst.masks, instance_tags(inst, class_names), s, colours)),
+            (
+                f"{method} masks, mask-aware score",
+                draw_overlay(image, inst.boxes, inst.masks, instance_tags(inst, class_names), s, colours),
+            ),
         ]
     )
 

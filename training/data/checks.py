@@ -164,7 +164,10 @@ class SplitReport:
             "categories": self.categories,
             "boxes": self.boxes,
             "annotations_without_mask": self.without_mask,
-            "problems": [{"kind": p.kind, "severity": p.severity, "what": p.what, "count": p.count, "examples": p.examples} for k, p in self.problems.items()],
+            "problems": [
+                {"kind": p.kind, "severity": p.severity, "what": p.what, "count": p.count, "examples": p.examples}
+                for k, p in self.problems.items()
+            ],
         }
 
 
@@ -190,10 +193,17 @@ def _positive_size(info: dict) -> tuple[float, float] | None:
 def _segmentation_ok(segm: Any) -> bool:
     """Polygons (lists of >= 6 numbers, an even count), or RLE ({"counts", "size": [h, w]})."""
     if isinstance(segm, list):
-        return all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) and math.isfinite(v) for v in p) for p in segm)
+        return all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) and math.isfinite(v) for v in p) for p in segm
+        )
     if isinstance(segm, dict):
         size = segm.get("size")
-        return isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size) and isinstance(segm.get("counts"), (str, list))
+        return (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(_is_int(v) and v >= 0 for v in size)
+            and isinstance(segm.get("counts"), (str, list))
+        )
     return False
 
 
@@ -300,7 +310,13 @@ def check_split(root: str | Path, split: str, images: ImageCheck = "exists") -> 
             report.add("bad_segmentation", f"annotation {ann_id}")
             ann = {key: v for key, v in ann.items() if key != "segmentation"}
         if "iscrowd" not in ann or not (_is_number(ann.get("area")) and math.isfinite(ann["area"])):
-            ann = {"iscrowd": 0, **ann, "area": ann["area"] if _is_number(ann.get("area")) and math.isfinite(ann["area"]) else float(ann["bbox"][2] * ann["bbox"][3])}
+            ann = {
+                "iscrowd": 0,
+                **ann,
+                "area": ann["area"]
+                if _is_number(ann.get("area")) and math.isfinite(ann["area"])
+                else float(ann["bbox"][2] * ann["bbox"][3]),
+            }
         kept.append(ann)
         crowd_by_image[image_id].append(bool(ann.get("iscrowd", 0)))
 

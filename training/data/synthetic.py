@@ -253,9 +253,7 @@ def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: 
     return image + rng.normal(0.0, noise, size=(size, size, 3))
 
 
-def _paint(
-    rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray, size: int
-) -> None:
+def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray, size: int) -> None:
     """Paint a solid, striped or noisy object into ``canvas`` (in place) in
     colours far from the pixels just around ``mask``."""
     ring = _dilate(mask, max(2, size // 64)) & ~mask

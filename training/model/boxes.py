@@ -18,7 +18,7 @@ Why they differ (behaviour the tests and published numbers rely on):
 - :func:`box_masks` is the authors' ``add_bitmasks_from_boxes`` (slices ``int(y1):int(y2 + 1)``,
   so an integer ``y2`` *includes* row y2), evaluated directly at the stride-4 sample points
   ``(4r + 2, 4c + 2)``. Training targets must match the authors' to reproduce BoxInst and
-  BoxTeacher (tests/test_authors_parity.py), so this rule cannot change.
+  BoxTeacher (tests/training/test_authors_parity.py), so this rule cannot change.
 - :func:`box_fill_masks` is the box as a polygon rasterised at pixel centres: its mask area
   equals the box area up to the border pixels, which makes the box-fill baseline comparable to
   the bbox AP of the same detections. At full resolution it is *not* :func:`box_masks` with

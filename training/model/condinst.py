@@ -92,7 +92,9 @@ class CondInst(nn.Module):
         return self.mask_head(mask_feats, params, locations, levels, image_index)
 
     # ---- inference -----------------------------------------------------------------
-    def detect(self, head: HeadOutputs, mask_feats: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None = None) -> list[InputDetections]:
+    def detect(
+        self, head: HeadOutputs, mask_feats: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None = None
+    ) -> list[InputDetections]:
         """Detections, stride-4 masks and mask-aware scores at the input resolution."""
         results = []
         for b, hw in enumerate(image_sizes):

@@ -105,7 +105,7 @@ def split_dynamic_params(params: Tensor, in_channels: int, channels: int, num_la
     w_sizes = [a * b for a, b in zip(dims[:-1], dims[1:])]
     b_sizes = dims[1:]
     chunks = torch.split(params, w_sizes + b_sizes, dim=1)
-    weights = [w.reshape(n, out, inp) for w, out, inp in zip(chunks[: num_layers], dims[1:], dims[:-1])]
+    weights = [w.reshape(n, out, inp) for w, out, inp in zip(chunks[:num_layers], dims[1:], dims[:-1])]
     biases = [b.reshape(n, out, 1) for b, out in zip(chunks[num_layers:], dims[1:])]
     return weights, biases
 

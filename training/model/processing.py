@@ -134,9 +134,7 @@ class InputSpec:
     @classmethod
     def from_config(cls, inp) -> InputSpec:
         """From a :class:`training.config.InputConfig` (test scale, no fixed canvas)."""
-        return cls(
-            inp.min_size_test, inp.max_size_test, tuple(inp.pixel_mean), tuple(inp.pixel_std), inp.format, inp.size_divisibility
-        )
+        return cls(inp.min_size_test, inp.max_size_test, tuple(inp.pixel_mean), tuple(inp.pixel_std), inp.format, inp.size_divisibility)
 
 
 def resize_to_spec(image: Tensor, spec: InputSpec) -> Tensor:

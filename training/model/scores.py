@@ -11,9 +11,7 @@ import torch
 from torch import Tensor
 
 
-def mean_foreground_probability(
-    mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
+def mean_foreground_probability(mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5) -> Tensor:
     """Mean probability of the confident foreground pixels inside the box (mask-aware score core).
 
         m_bar = sum(1[m > tau] * m * b) / sum(1[m > tau] * b),   0 where the denominator is 0
@@ -35,10 +33,8 @@ def mean_foreground_probability(
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
 
 
-def mask_aware_score(
-    det_scores: Tensor, mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
-    """Mask-aware confidence score (paper §3, "mask-aware confidence score"; method.md §3).
+def mask_aware_score(det_scores: Tensor, mask_probs: Tensor, box_masks: Tensor | None = None, threshold: float = 0.5) -> Tensor:
+    """Mask-aware confidence score (paper §3, "mask-aware confidence score"; docs/method.md, "BoxTeacher").
 
         s = sqrt(c * sum(1[m > tau] * m * b) / sum(1[m > tau] * b)),   s = 0 if the sum is 0
 
