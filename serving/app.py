@@ -82,6 +82,7 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
             cache_bytes = int(settings.cache_mb * 1024 * 1024)
             state.predictor = await run_in_threadpool(load_predictor, settings.model, settings.device, settings.branch, cache_bytes)
         p: Predictor = state.predictor
+        p.class_agnostic_nms = settings.class_agnostic_nms
         metrics.model.info({"name": p.name, "version": p.version, "runtime": p.runtime, "device": str(p.device)})
         metrics.watch_cache(p.cache.stats)
         batcher: MicroBatcher[SegmentJob, SegmentResult] = MicroBatcher(

@@ -24,6 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--branch", choices=["teacher", "student"], default=None, help="checkpoint weights (default: teacher when present)")
     p.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="how long a request waits for a batch to fill (default 5)")
+    p.add_argument(
+        "--class-agnostic-nms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one box, one class: NMS over all classes on the detections (default off: it lowers COCO AP of weak multi-class "
+        "models) [env BOXTEACHER_CLASS_AGNOSTIC_NMS]",
+    )
     p.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 
@@ -47,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "log_level": args.log_level,
+        "class_agnostic_nms": args.class_agnostic_nms,
     }
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})

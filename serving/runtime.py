@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import nms
 
 from serving.cache import EncodingCache, image_digest
 from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, chunk_slices, validate_boxes
@@ -121,6 +122,7 @@ class Predictor(ABC):
         input_spec: InputSpec,
         mask_threshold: float = 0.5,
         mask_stride: int = 4,
+        nms_threshold: float = 0.6,
         device: str = "cpu",
         path: str | Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -131,6 +133,9 @@ class Predictor(ABC):
         self.input_spec = input_spec
         self.mask_threshold = mask_threshold
         self.mask_stride = mask_stride
+        self.nms_threshold = nms_threshold
+        # NMS over all classes on the detections (one box, one class); set by the server.
+        self.class_agnostic_nms = False
         self.device = device
         self.path = Path(path) if path is not None else None
         self.cache: EncodingCache[ImageEncoding] = EncodingCache(cache_bytes)
@@ -286,6 +291,9 @@ class Predictor(ABC):
             order = order[enc.scores[order].float() >= float(score_threshold)]
         b = det_boxes[order]
         order = order[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+        if self.class_agnostic_nms and len(order) > 1:
+            # torchvision's nms keeps indices in descending score order, as ``order`` is
+            order = order[nms(det_boxes[order], enc.scores[order].float(), self.nms_threshold)]
         if max_instances is not None:
             order = order[: max(int(max_instances), 0)]
         h, w = output_hw
@@ -339,6 +347,7 @@ class PyTorchPredictor(Predictor):
             input_spec=InputSpec.from_config(cfg.input),
             mask_threshold=cfg.model.mask.threshold,
             mask_stride=cfg.model.mask.out_stride,
+            nms_threshold=cfg.model.fcos.nms_threshold,
             device=str(device),
             path=path,
             cache_bytes=cache_bytes,
@@ -397,6 +406,7 @@ class _ExportedPredictor(Predictor):
             input_spec=meta.input_spec(),
             mask_threshold=float(meta.mask_threshold),
             mask_stride=int(meta.mask_stride),
+            nms_threshold=float(meta.nms_threshold),
             device=device,
             path=path,
             cache_bytes=cache_bytes,

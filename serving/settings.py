@@ -48,6 +48,9 @@ class ServeSettings(BaseSettings):
     score_threshold: float = Field(0.3, ge=0, le=1)  # minimum mask-aware score
     max_instances: int = Field(100, ge=1)  # instances per image, best first
     mask_format: Literal["rle", "polygon", "png", "none"] = "rle"
+    # One box, one class: NMS over all classes on top of the model's per-class NMS (any
+    # runtime). Off by default: on a weak multi-class model it lowers COCO AP (docs/serving.md).
+    class_agnostic_nms: bool = False
 
     @property
     def max_body_bytes(self) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import REPO, iou, tiny_config, write_checkpoint
+from helpers import REPO, SMALL_SCALE, iou, shapes_image, tiny_config, write_checkpoint
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -31,18 +31,15 @@ from serving.app import create_app
 from serving.local import LocalServer, free_port
 from serving.runtime import load_predictor
 from serving.settings import ServeSettings
-from training.data.synthetic import render_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
 # the tiny model at a small test scale keeps CPU inference fast
-SMALL_SCALE = ["input.min_size_test=64", "input.max_size_test=96"]
 MAX_UPLOAD = 256 * 1024
 
 
 def synthetic_image(k: int, size: int = 96, width: int | None = None) -> np.ndarray:
-    pixels, _ = render_image(np.random.default_rng([11, k]), size)
-    return np.ascontiguousarray(pixels[:, : width or size])
+    return shapes_image(11, k, size, width or size)
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **kw) -> bytes:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config, write_checkpoint
+from helpers import SMALL_SCALE, local_server, tiny_config, write_checkpoint
 
 pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install schemathesis)")
 
@@ -34,15 +34,9 @@ CHECKS = ",".join(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from serving.app import create_app
-    from serving.local import LocalServer
-    from serving.settings import ServeSettings
-
-    ckpt = write_checkpoint(
-        tmp_path_factory.mktemp("fuzz") / "tiny.pth", tiny_config(overrides=["input.min_size_test=64", "input.max_size_test=96"])
-    )
-    settings = ServeSettings(model=ckpt, api_key=KEY, max_upload_bytes=256 * 1024, max_pixels=1_000_000, max_wait_ms=1)
-    with LocalServer(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as s:
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny.pth", tiny_config(overrides=SMALL_SCALE))
+    settings = {"api_key": KEY, "max_upload_bytes": 256 * 1024, "max_pixels": 1_000_000, "max_wait_ms": 1}
+    with local_server(ckpt, headers={"Authorization": f"Bearer {KEY}"}, **settings) as s:
         yield s
 
 

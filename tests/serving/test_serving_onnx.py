@@ -11,23 +11,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import iou, tiny_config, write_checkpoint
+from helpers import SMALL_SCALE, iou, shapes_image, tiny_config, write_checkpoint
 from PIL import Image
 from pycocotools import mask as mask_utils
-
-from training.data.synthetic import render_image
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install boxteacher[export])")
 onnx_export = pytest.importorskip("export.onnx_export", reason="export/onnx_export.py is not there yet")
 
-SMALL_SCALE = ["input.min_size_test=64", "input.max_size_test=96"]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
 
-def landscape(k: int, h: int = 96, w: int = 144) -> np.ndarray:
+def landscape(k: int) -> np.ndarray:
     """2:3 images: resized to exactly the 64x96 export canvas."""
-    pixels, _ = render_image(np.random.default_rng([31, k]), max(h, w))
-    return np.ascontiguousarray(pixels[:h, :w])
+    return shapes_image(31, k, 96, 144)
 
 
 @pytest.fixture(scope="module")

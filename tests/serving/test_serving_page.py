@@ -10,12 +10,9 @@ import io
 import os
 import shutil
 
-import numpy as np
 import pytest
-from helpers import tiny_config, write_checkpoint
+from helpers import SMALL_SCALE, local_server, shapes_image, tiny_config, write_checkpoint
 from PIL import Image
-
-from training.data.synthetic import render_image
 
 CHROMIUM = os.environ.get("BOXTEACHER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -35,14 +32,8 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from serving.app import create_app
-    from serving.local import LocalServer
-    from serving.settings import ServeSettings
-
-    ckpt = write_checkpoint(
-        tmp_path_factory.mktemp("page") / "tiny.pth", tiny_config(overrides=["input.min_size_test=64", "input.max_size_test=96"])
-    )
-    with LocalServer(create_app(ServeSettings(model=ckpt))) as s:
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("page") / "tiny.pth", tiny_config(overrides=SMALL_SCALE))
+    with local_server(ckpt) as s:
         yield s
 
 
@@ -57,7 +48,7 @@ def page(server):
 
 
 def test_upload_segment_and_draw_a_box(server, page):
-    pixels, _ = render_image(np.random.default_rng([41, 0]), 96)
+    pixels = shapes_image(41, 0)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     errors: list[str] = []

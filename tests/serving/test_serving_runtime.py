@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, write_checkpoint
+from helpers import SMALL_SCALE, shapes_image, tiny_config, write_checkpoint
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou
 
 from serving.batching import MicroBatcher, QueueFull
 from serving.cache import image_digest
@@ -21,16 +22,13 @@ from serving.images import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedI
 from serving.masks import encode_png, encode_polygon, encode_rle
 from serving.prompting import validate_boxes
 from serving.runtime import Instance, PyTorchPredictor, load_predictor
-from training.data.synthetic import render_image
 from training.model.boxes import box_pixel_masks
 
-SMALL_SCALE = ["input.min_size_test=64", "input.max_size_test=96"]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
 
 def image(k: int, h: int = 96, w: int = 96) -> np.ndarray:
-    pixels, _ = render_image(np.random.default_rng([21, k]), max(h, w))
-    return np.ascontiguousarray(pixels[:h, :w])
+    return shapes_image(21, k, h, w)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +138,25 @@ def test_threshold_and_max_instances_per_image(predictor):
     a, b = predictor.predict([im, im], score_threshold=[cut, None], max_instances=[None, 3])
     assert all(i.mask_score >= cut for i in a) and len(a) == sum(i.mask_score >= cut for i in full)
     assert len(b) == 3
+
+
+def test_class_agnostic_nms_keeps_one_box_per_object(predictor):
+    im = image(6)
+    full = predictor.predict([im])[0]
+    predictor.class_agnostic_nms = True
+    try:
+        one = predictor.predict([im])[0]
+    finally:
+        predictor.class_agnostic_nms = False
+    boxes = torch.tensor(np.stack([i.box for i in full]))
+    overlaps = box_iou(boxes, boxes) > predictor.nms_threshold
+    # greedy by hand: walk the detections best first, keep one that overlaps no kept one
+    kept: list[int] = []
+    for k in range(len(full)):
+        if not any(overlaps[k, j] for j in kept):
+            kept.append(k)
+    assert len(set(i.label for i in full)) > 1 and len(kept) < len(full)  # the case is not trivial
+    assert [(i.label, i.mask_score) for i in one] == [(full[k].label, full[k].mask_score) for k in kept]
 
 
 def test_box_prompts(predictor):

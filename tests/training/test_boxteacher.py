@@ -28,11 +28,6 @@ from training.boxteacher import (
 )
 from training.losses import dice_loss
 
-
-def logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
 # ---------------------------------------------------------------- EMA
 
 

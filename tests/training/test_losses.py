@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import logit
 
 from training.losses import (
     box_masks,
@@ -25,11 +26,6 @@ from training.losses import (
     rgb_to_lab,
     unfold_neighbours,
 )
-
-
-def logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
 
 # ---------------------------------------------------------------- dice
 
