@@ -120,6 +120,10 @@ class BoxInstConfig(_Section):
     # Project masks over the image only, not the padded canvas (training.losses.restrict_to_image;
     # False: BoxInst as published, whose padding a head trained from scratch learns to paint).
     projection_in_image: bool = True
+    # Dice towards the filled box, weight falling linearly from box_prior_weight to 0 over
+    # box_prior_iters (training.losses.box_prior_loss; not in BoxInst: 0 is the published method).
+    box_prior_weight: float = Field(0.0, ge=0.0)
+    box_prior_iters: int = Field(0, ge=0)
 
 
 class BoxTeacherConfig(_Section):

@@ -163,6 +163,8 @@ def losses_from_outputs(
             valid_s4[:, 0],
             bi.projection_bce_weight,
             bi.projection_in_image,
+            bi.box_prior_weight,
+            bi.box_prior_iters,
         )  # fmt: skip
     )
     if cfg.method == "boxteacher":

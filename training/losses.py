@@ -43,6 +43,8 @@ __all__ = [
     "restrict_to_image",
     "linear_warmup",
     "boxinst_losses",
+    "box_prior_loss",
+    "linear_cooldown",
 ]
 
 LOG_PROB_FLOOR = -100.0
@@ -434,6 +436,35 @@ def outside_box_loss(mask_logits: Tensor, box_masks: Tensor, valid: Tensor | Non
     return (F.softplus(x) * outside).flatten(1).sum(1) / outside.flatten(1).sum(1).clamp(min=1.0)
 
 
+def box_prior_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+    """Dice between each mask and its filled box: a box-shaped target that teaches the dynamic
+    head *where* each instance is before the projection and pairwise terms teach its shape
+    (our addition for training from scratch; docs/method.md, "Box supervision from scratch").
+
+        L_prior,k = dice(sigmoid(x_k), B_k)
+
+    Used with a weight that falls to 0 (:func:`linear_cooldown`): the filled box is not the
+    object, only a start that every instance's mask can reach from its own location.
+
+    Args:
+        mask_logits: ``(n, 1, h, w)`` logits at stride 4.
+        box_masks: ``(n, h, w)`` box masks at the same stride.
+    Returns:
+        ``(n,)`` float32.
+    """
+    return dice_loss(mask_logits.float().sigmoid().flatten(1), box_masks.float().flatten(1))
+
+
+def linear_cooldown(iteration: int, cooldown_iters: int) -> float:
+    """Linear fall of a weight from 1 to 0 (the box prior).
+
+    cool(t) = max(1 - t / cooldown_iters, 0),   0 if cooldown_iters <= 0
+    """
+    if cooldown_iters <= 0:
+        return 0.0
+    return float(max(1.0 - max(iteration, 0) / cooldown_iters, 0.0))
+
+
 def linear_warmup(iteration: int, warmup_iters: int) -> float:
     """Linear warm-up factor (BoxInst pairwise loss; BoxTeacher pseudo-mask losses).
 
@@ -457,6 +488,8 @@ def boxinst_losses(
     valid: Tensor | None = None,
     projection_bce_weight: float = 0.0,
     projection_in_image: bool = False,
+    box_prior_weight: float = 0.0,
+    box_prior_iters: int = 0,
 ) -> dict[str, Tensor]:
     """``L_box-sup`` for the kept proposals (BoxInst; docs/method.md, "Box supervision").
 
@@ -464,6 +497,8 @@ def boxinst_losses(
         loss_pairwise = L_pair(x, 1[S >= 0.3] * B) * warm(iteration)
         loss_outside  = outside_weight * mean_k L_out,k          (only when outside_weight > 0)
         loss_prj_bce  = projection_bce_weight * mean_k L_bce,k   (only when projection_bce_weight > 0)
+        loss_box_prior = box_prior_weight * cool(iteration) * mean_k L_prior,k
+                                                   (only when box_prior_weight > 0 and box_prior_iters > 0)
 
     Args:
         mask_logits: ``(n, 1, h, w)`` student mask logits at stride 4.
@@ -474,6 +509,8 @@ def boxinst_losses(
         valid: ``(n or 1, h, w)`` image pixels, for the outside term and the projections.
         projection_in_image: project over the image only (:func:`restrict_to_image`), not
             over the padded canvas as BoxInst does; needs ``valid``.
+        box_prior_weight, box_prior_iters: :func:`box_prior_loss`'s weight at iteration 0 and
+            the iterations over which it falls to 0 (0: BoxInst as published).
     Returns:
         ``{"loss_prj", "loss_pairwise"[, "loss_outside"]}`` float32 scalars; zeros attached
         to the graph when n == 0.
@@ -485,6 +522,8 @@ def boxinst_losses(
             out["loss_outside"] = zero.clone()
         if projection_bce_weight > 0:
             out["loss_prj_bce"] = zero.clone()
+        if box_prior_weight > 0 and box_prior_iters > 0:
+            out["loss_box_prior"] = zero.clone()
         return out
     projected = restrict_to_image(mask_logits, valid) if projection_in_image and valid is not None else mask_logits
     loss_prj = projection_loss(projected.float().sigmoid(), box_masks).mean()
@@ -499,4 +538,7 @@ def boxinst_losses(
     if projection_bce_weight > 0:
         in_image = valid if projection_in_image else None
         out["loss_prj_bce"] = projection_bce_weight * projection_bce_loss(projected, box_masks, in_image).mean()
+    if box_prior_weight > 0 and box_prior_iters > 0:
+        prior = box_prior_weight * linear_cooldown(iteration, box_prior_iters)
+        out["loss_box_prior"] = prior * box_prior_loss(mask_logits, box_masks).mean()
     return out

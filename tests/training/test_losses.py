@@ -10,11 +10,13 @@ from helpers import logit
 
 from training.losses import (
     box_masks,
+    box_prior_loss,
     boxinst_losses,
     color_similarity,
     dice_loss,
     image_color_similarity,
     image_valid_mask,
+    linear_cooldown,
     linear_warmup,
     log_same_label_probability,
     outside_box_loss,
@@ -278,6 +280,41 @@ def test_boxinst_losses_warmup_and_empty():
     empty = torch.zeros(0, 1, 8, 8, requires_grad=True)
     out = boxinst_losses(empty, torch.zeros(0, 8, 8), torch.zeros(0, 8, 8, 8), iteration=5)
     assert all(v.item() == 0.0 and v.requires_grad for v in out.values())
+
+
+def test_linear_cooldown():
+    assert linear_cooldown(0, 200) == 1.0
+    assert linear_cooldown(50, 200) == 0.75
+    assert linear_cooldown(200, 200) == 0.0
+    assert linear_cooldown(500, 200) == 0.0
+    assert linear_cooldown(-3, 200) == 1.0
+    assert linear_cooldown(0, 0) == 0.0  # no prior
+
+
+def test_box_prior_loss_hand_case():
+    # one 2x2 map, box = left column; logits 0 (p = 1/2) everywhere except x_11 = ln 3 (p = 3/4)
+    logits = torch.tensor([[[[0.0, 0.0], [0.0, math.log(3.0)]]]], requires_grad=True)
+    box = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    # dice = 1 - 2 * (1/2 + 1/2) / ((1/4 + 1/4 + 1/4 + 9/16) + 2) = 1 - 2 / (53/16) = 21/53
+    loss = box_prior_loss(logits, box)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(21 / 53, rel=1e-5)
+    loss.sum().backward()
+    assert logits.grad[0, 0, 0, 0] < 0 and logits.grad[0, 0, 1, 1] > 0  # inside pulled up, outside down
+    assert box_prior_loss(torch.full((1, 1, 2, 2), 30.0), torch.ones(1, 2, 2)).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_boxinst_losses_box_prior_falls_to_zero():
+    logits = torch.zeros(1, 1, 2, 2)
+    box = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    sim = torch.ones(1, 8, 2, 2)
+    dice = 1 - 2 * 1.0 / (1.0 + 2.0)  # p = 1/2 everywhere: sum p*b = 1, sum p^2 = 1, sum b^2 = 2
+    at = {t: boxinst_losses(logits, box, sim, iteration=t, box_prior_weight=2.0, box_prior_iters=100) for t in (0, 25, 100)}
+    assert at[0]["loss_box_prior"].item() == pytest.approx(2.0 * dice, rel=1e-5)
+    assert at[25]["loss_box_prior"].item() == pytest.approx(2.0 * 0.75 * dice, rel=1e-5)
+    assert at[100]["loss_box_prior"].item() == 0.0
+    assert "loss_box_prior" not in boxinst_losses(logits, box, sim, iteration=0, box_prior_weight=2.0)  # no iterations: off
+    empty = boxinst_losses(torch.zeros(0, 1, 2, 2), torch.zeros(0, 2, 2), sim[:0], 0, box_prior_weight=1, box_prior_iters=10)
+    assert empty["loss_box_prior"].item() == 0.0
 
 
 def test_outside_box_loss_hand_case():
