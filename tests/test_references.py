@@ -20,6 +20,8 @@ def referenced_markdown() -> dict[str, set[str]]:
     for name in files:
         if not name.endswith((".py", ".md", ".yaml", ".toml", "Makefile", "Dockerfile", ".sh")) or not (REPO / name).is_file():
             continue
+        if name == "tests/test_references.py":  # its by-hand case names a missing page on purpose
+            continue
         for ref in MD_PATH.findall((REPO / name).read_text(errors="replace")):
             found.setdefault(ref, set()).add(name)
     return found

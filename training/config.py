@@ -122,8 +122,14 @@ class BoxInstConfig(_Section):
     projection_in_image: bool = True
     # Dice towards the filled box, weight falling linearly from box_prior_weight to 0 over
     # box_prior_iters (training.losses.box_prior_loss; not in BoxInst: 0 is the published method).
-    box_prior_weight: float = Field(0.0, ge=0.0)
-    box_prior_iters: int = Field(0, ge=0)
+    # None: over the pairwise term's warm-up, so that the prior hands over as the pairwise term rises.
+    box_prior_weight: float = Field(1.0, ge=0.0)
+    box_prior_iters: int | None = Field(None, ge=0)
+
+    @property
+    def prior_iters(self) -> int:
+        """``box_prior_iters`` with None resolved to ``pairwise_warmup_iters``."""
+        return self.pairwise_warmup_iters if self.box_prior_iters is None else self.box_prior_iters
 
 
 class BoxTeacherConfig(_Section):

@@ -164,7 +164,7 @@ def losses_from_outputs(
             bi.projection_bce_weight,
             bi.projection_in_image,
             bi.box_prior_weight,
-            bi.box_prior_iters,
+            bi.prior_iters,
         )  # fmt: skip
     )
     if cfg.method == "boxteacher":

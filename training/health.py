@@ -190,7 +190,7 @@ class CollapseDetector:
         self.fired = (
             f"mask head collapse at iteration {iteration}: " + "; ".join(found) + f" for {self.patience} log periods in a row. "
             "The switches against it (model.mask.controller_grad_scale/branch_grad_scale, boxinst.outside_weight, "
-            "boxinst.projection_bce_weight, boxinst.projection_in_image) are in docs/method.md, 'Box supervision from scratch: "
+            "boxinst.projection_bce_weight, boxinst.projection_in_image, boxinst.box_prior_weight) are in docs/method.md, 'Box supervision from scratch: "
             "what we added'; with them on it can still happen (docs/results.md)."
         )
         log.warning(self.fired)

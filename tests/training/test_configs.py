@@ -39,6 +39,7 @@ def test_paper_recipes(name, depth, classes, batch, lr, max_iter, steps, aug):
     # the paper's training (ImageNet weights): the authors' coupling and losses, pinned in the base
     assert cfg.mask_grad_scales == (1.0, 1.0) and not cfg.model.fcos.reg_straight_through
     assert cfg.boxinst.outside_weight == 0.0 and cfg.boxinst.projection_bce_weight == 0.0 and not cfg.boxinst.projection_in_image
+    assert cfg.boxinst.box_prior_weight == 0.0
 
 
 def test_a_recipe_overrides_its_base(tmp_path):
@@ -64,3 +65,10 @@ def test_a_base_of_a_base_is_refused(tmp_path):
     (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_box_prior_span_follows_the_pairwise_warmup_unless_set():
+    cfg = load_config(REPO / "configs" / "pennfudan-r18-scratch.yaml")
+    assert cfg.boxinst.box_prior_iters is None and cfg.boxinst.prior_iters == cfg.boxinst.pairwise_warmup_iters == 200
+    cfg = load_config(REPO / "configs" / "pennfudan-r18-scratch.yaml", ["boxinst.box_prior_iters=50"])
+    assert cfg.boxinst.prior_iters == 50
