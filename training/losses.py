@@ -458,11 +458,9 @@ def box_prior_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
 def linear_cooldown(iteration: int, cooldown_iters: int) -> float:
     """Linear fall of a weight from 1 to 0 (the box prior).
 
-    cool(t) = max(1 - t / cooldown_iters, 0),   0 if cooldown_iters <= 0
+    cool(t) = 1 - warm(t) = max(1 - t / cooldown_iters, 0),   0 if cooldown_iters <= 0
     """
-    if cooldown_iters <= 0:
-        return 0.0
-    return float(max(1.0 - max(iteration, 0) / cooldown_iters, 0.0))
+    return 1.0 - linear_warmup(iteration, cooldown_iters)
 
 
 def linear_warmup(iteration: int, warmup_iters: int) -> float:
