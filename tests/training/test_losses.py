@@ -142,11 +142,13 @@ def test_rgb_to_lab_known_colours():
 
 
 def test_rgb_to_lab_float_and_batched_inputs_agree():
-    img = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    img = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     from_uint8 = rgb_to_lab(img)
     assert from_uint8.shape == (2, 3, 4, 5)
     assert torch.allclose(rgb_to_lab(img.float() / 255.0), from_uint8, atol=1e-4)
-    assert torch.allclose(rgb_to_lab(img[1]), from_uint8[1])
+    # batched and single-image arithmetic may round differently (measured up to 3e-5 in L*a*b*
+    # units, 0-100): a relative-only tolerance fails on values near 0
+    assert torch.allclose(rgb_to_lab(img[1]), from_uint8[1], atol=1e-4)
     with pytest.raises(ValueError):
         rgb_to_lab(torch.zeros(4, 2, 2))
 
