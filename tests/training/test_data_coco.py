@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from training.data.coco import CocoInstances, collate, load_image
+from training.data.coco import CocoInstances, _count_is_reported, collate, load_image
 
 H, W = 30, 40
 RECT_RLE = np.zeros((H, W), dtype=np.uint8)
@@ -161,6 +161,33 @@ def test_verify_images_drops_corrupt_files_up_front(tiny_coco: Path) -> None:
     with pytest.warns(RuntimeWarning, match="b.png"):
         ds = _open(tiny_coco, verify_images=True)
     assert ds.image_ids == [1, 4] and ds.skipped_image_ids == [3, 2]
+
+
+def test_many_unreadable_images_give_a_few_warnings_with_running_counts(tmp_path: Path) -> None:
+    """11 of 12 images fail to load during iteration: warnings come at the 1st, 2nd, 4th
+    and 8th failure (not 11), each naming the total so far; the good image still comes back."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(tmp_path / "images" / "good.png")
+    images = [{"id": 1, "file_name": "good.png", "height": 10, "width": 20}]
+    for i in range(2, 13):
+        (tmp_path / "images" / f"bad{i}.png").write_text("not an image")
+        images.append({"id": i, "file_name": f"bad{i}.png", "height": 10, "width": 20})
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0} for i in range(1, 13)]
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "annotations" / "train.json").write_text(json.dumps(coco))
+    ds = CocoInstances(tmp_path, "train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        returned = [ds[i][1]["image_id"] for i in range(len(ds))]
+    assert returned == [1] * 12 and ds.num_skipped == 11
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert [m.split("; ")[1].split(" ")[0] for m in messages] == ["1", "2", "4", "8"]
+    assert all("fails to load" in m and "bad" in m for m in messages)
+
+
+def test_count_is_reported_at_powers_of_two() -> None:
+    assert [n for n in range(0, 40) if _count_is_reported(n)] == [1, 2, 4, 8, 16, 32]
 
 
 def test_transforms_move_boxes_and_degenerate_boxes_are_dropped(tiny_coco: Path) -> None:

@@ -146,11 +146,14 @@ class CocoInstances(Dataset):
     Unreadable images: a file missing at construction is left out of
     ``image_ids`` (in the checks' warning). A file that fails to decode in
     ``__getitem__``, or whose size (after EXIF rotation) differs from the
-    JSON's ``height``/``width``, is warned about once, recorded in ``skipped_image_ids``,
-    and the next loadable image (wrapping around) is returned instead, so a
-    DataLoader never crashes; the returned ``target["image_id"]`` says which
-    image it is. With DataLoader workers the counters live in each worker's
-    copy of the dataset.
+    JSON's ``height``/``width``, is recorded in ``skipped_image_ids`` and the next
+    loadable image (wrapping around) is returned instead, so a DataLoader never
+    crashes; the returned ``target["image_id"]`` says which image it is. Such
+    failures are warned about with a running count, not one warning per image: at the
+    1st, 2nd, 4th, 8th ... failure (:func:`_count_is_reported`), each warning naming
+    the latest file and the total so far. ``verify_images=True`` decodes everything up
+    front and gives one warning with the count. With DataLoader workers the counters
+    live in each worker's copy of the dataset.
     """
 
     def __init__(
@@ -187,10 +190,17 @@ class CocoInstances(Dataset):
 
         self.skipped_image_ids: list[int] = list(self.report.skipped_image_ids)  # said in the checks' warning
         self._bad_ids: set[int] = set(self.skipped_image_ids)
+        self._load_failures = 0  # images that failed to load after construction (warned with a running count)
         present = [i for i in sorted(self.coco.getImgIds()) if i not in self._bad_ids]
         self.image_ids: list[int] = present
         if verify_images:
-            self.image_ids = [i for i in present if self.try_load(i) is not None]
+            self.image_ids = [i for i in present if self.try_load(i, warn=False) is not None]
+            kept = set(self.image_ids)
+            failed = [i for i in present if i not in kept]
+            if failed:
+                names = ", ".join(str(self._image_path(i)) for i in failed[:5])
+                more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+                warnings.warn(f"skipping {len(failed)} image(s) that fail to load: {names}{more}", RuntimeWarning, stacklevel=2)
 
     @property
     def num_classes(self) -> int:
@@ -224,29 +234,34 @@ class CocoInstances(Dataset):
     def _image_path(self, image_id: int) -> Path:
         return self.image_dir / self.coco.imgs[image_id]["file_name"]
 
-    def _record_skips(self, image_ids: list[int], reason: str) -> None:
-        new = [i for i in image_ids if i not in self._bad_ids]
-        self._bad_ids.update(new)
-        self.skipped_image_ids.extend(new)
-        if not new:
+    def _record_skip(self, image_id: int, reason: str, warn: bool) -> None:
+        if image_id in self._bad_ids:
             return
-        names = ", ".join(str(self._image_path(i)) for i in new[:5])
-        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-        warnings.warn(f"skipping {len(new)} image(s) ({reason}): {names}{more}", RuntimeWarning, stacklevel=3)
+        self._bad_ids.add(image_id)
+        self.skipped_image_ids.append(image_id)
+        self._load_failures += 1
+        if warn and _count_is_reported(self._load_failures):
+            warnings.warn(
+                f"skipping an image that fails to load ({reason}): {self._image_path(image_id)}; "
+                f"{self._load_failures} image(s) of {self.annotation_file.name} skipped so far for this reason or others "
+                f"(the next warning comes at {2 * self._load_failures})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
-    def try_load(self, image_id: int) -> torch.Tensor | None:
+    def try_load(self, image_id: int, *, warn: bool = True) -> torch.Tensor | None:
         """The image with this COCO id as loaded (uint8 (3, H, W)), or None after recording
         it as skipped (unreadable, or its size differs from the declared one)."""
         info = self.coco.imgs[image_id]
         try:
             image = load_image(self._image_path(image_id))
         except LOAD_ERRORS as err:
-            self._record_skips([image_id], f"unreadable: {type(err).__name__}: {err}")
+            self._record_skip(image_id, f"unreadable: {type(err).__name__}: {err}", warn)
             return None
         expected = (info.get("height"), info.get("width"))
         actual = tuple(image.shape[-2:])
         if None not in expected and expected != actual:
-            self._record_skips([image_id], f"size {actual} differs from annotation {expected}")
+            self._record_skip(image_id, f"size {actual} differs from annotation {expected}", warn)
             return None
         return image
 
@@ -287,6 +302,13 @@ class CocoInstances(Dataset):
                     rle = segm
                 masks[k] = mask_utils.decode(rle)
         return torch.from_numpy(masks)
+
+
+def _count_is_reported(count: int) -> bool:
+    """Whether the ``count``-th load failure is warned about: 1, 2, 4, 8 ... (a power of
+    two), so that a dataset with thousands of bad files gives a dozen warnings, each with
+    the running total, instead of one per file."""
+    return count > 0 and count & (count - 1) == 0
 
 
 def _load_coco_quietly(path: Path) -> COCO:
