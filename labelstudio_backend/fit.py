@@ -194,13 +194,8 @@ class TrainingManager:
         self.current = None
 
     def _train(self, project_id: int, label_config: str, force: bool = False) -> dict:
-        import torch
-
         from labelstudio_backend.dataset import build_box_dataset
         from serving.runtime import load_predictor
-        from training.checkpoint import config_of, read_checkpoint
-        from training.config import build_config
-        from training.train import Trainer, infinite
 
         s = self.settings
         config = parse_label_config(label_config)
@@ -219,52 +214,20 @@ class TrainingManager:
 
         # 2. fine-tune (BoxTeacher, boxes only), from the served checkpoint
         current = self.holder.path
-        base = config_of(read_checkpoint(current))
-        n = s.train_iters
-        lr = s.train_base_lr or base.solver.base_lr * 0.1
-        overrides = [
-            "method=boxteacher",
-            f"model.weights={current}",
-            "model.backbone.weights=none",  # every weight comes from the checkpoint
-            f"solver.max_iter={n}",
-            "solver.steps=[]",
-            f"solver.base_lr={lr}",
-            f"solver.batch_size={min(s.train_batch_size, summary.train_images)}",
-            f"solver.warmup_iters={min(base.solver.warmup_iters, max(n // 10, 1))}",
-            f"boxteacher.warmup_iters={min(base.boxteacher.warmup_iters, max(n // 4, 1))}",
-            f"boxinst.pairwise_warmup_iters={min(base.boxinst.pairwise_warmup_iters, max(n // 4, 1))}",
-            "data.num_workers=0",
-            "train.checkpoint_period=0",
-            "train.eval_period=0",
-            *s.train_overrides,
-        ]
-        tree = base.model_dump()
-        tree["class_names"] = []
-        cfg = build_config(tree, overrides)
         device = s.train_device or s.device
-        trainer = Trainer(cfg, run_dir / "data", run_dir, device)
-        data = infinite(trainer.loader)
-        losses = []
-        while trainer.iteration < n:
-            images, targets = next(data)
-            record = trainer.step(images, targets)
-            losses.append(record["loss"])
-            if self.current is not None:
-                self.current.update(iteration=trainer.iteration, loss=round(record["loss"], 4))
-        final = trainer.save("model_final.pth")
-        del trainer
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
-        # 3. evaluate, old and new, on the same images
+        def on_step(iteration: int, loss: float) -> None:
+            if self.current is not None:
+                self.current.update(iteration=iteration, loss=round(loss, 4))
+
+        final, losses = fine_tune(current, run_dir / "data", run_dir, s, summary.train_images, on_step)
+
+        # 3. evaluate, old and new, on the same images; 4. promote, or keep the old model
         self._stage("evaluating")
         split = "val" if summary.eval_split == "val" else "train"
-        before = evaluate_checkpoint(current, run_dir / "data", split, device, s.branch)
-        after = evaluate_checkpoint(final, run_dir / "data", split, device, s.branch)
-
-        # 4. promote, or keep the old model
-        better, why = not_worse(before, after, s.train_promote_ap_tolerance, s.train_promote_iou_tolerance)
-        forced = not better and (force or s.train_promote == "always")
+        decision = evaluate_and_decide(current, final, run_dir / "data", split, device, s, force)
+        better, forced, why = decision["better"], decision["forced"], decision["decision"]
+        before, after = decision["eval_before"], decision["eval_after"]
         state = read_state(self.work_dir)
         if better or forced:
             self._stage("swapping")
@@ -288,7 +251,7 @@ class TrainingManager:
             "forced": forced,
             "decision": why,
             "checkpoint": str(final),
-            "iterations": n,
+            "iterations": len(losses),
             "first_loss": round(losses[0], 4) if losses else None,
             "last_loss": round(losses[-1], 4) if losses else None,
             "dataset": summary.as_dict(),
@@ -308,6 +271,70 @@ class TrainingManager:
         if not isinstance(tasks, list):
             raise TrainingError(f"unexpected export from Label Studio: {str(tasks)[:200]}")
         return tasks
+
+
+def fine_tune(current: Path, data_dir: Path, run_dir: Path, settings, train_images: int, on_step=None) -> tuple[Path, list[float]]:
+    """Step 2 of a run: BoxTeacher from the checkpoint ``current`` on the box-only COCO
+    folder ``data_dir`` (``train`` split), ``settings.train_iters`` iterations at
+    ``settings.train_base_lr`` (None: a tenth of the checkpoint's), with the checkpoint's own
+    config; warm-ups are shortened to fit the run. Returns (RUN_DIR/model_final.pth, the
+    loss at each iteration). ``on_step(iteration, loss)`` is called after every step."""
+    import torch
+
+    from training.checkpoint import config_of, read_checkpoint
+    from training.config import build_config
+    from training.train import Trainer, infinite
+
+    s = settings
+    base = config_of(read_checkpoint(current))
+    n = s.train_iters
+    lr = s.train_base_lr or base.solver.base_lr * 0.1
+    overrides = [
+        "method=boxteacher",
+        f"model.weights={current}",
+        "model.backbone.weights=none",  # every weight comes from the checkpoint
+        f"solver.max_iter={n}",
+        "solver.steps=[]",
+        f"solver.base_lr={lr}",
+        f"solver.batch_size={min(s.train_batch_size, train_images)}",
+        f"solver.warmup_iters={min(base.solver.warmup_iters, max(n // 10, 1))}",
+        f"boxteacher.warmup_iters={min(base.boxteacher.warmup_iters, max(n // 4, 1))}",
+        f"boxinst.pairwise_warmup_iters={min(base.boxinst.pairwise_warmup_iters, max(n // 4, 1))}",
+        "data.num_workers=0",
+        "train.checkpoint_period=0",
+        "train.eval_period=0",
+        *s.train_overrides,
+    ]
+    tree = base.model_dump()
+    tree["class_names"] = []
+    cfg = build_config(tree, overrides)
+    trainer = Trainer(cfg, data_dir, run_dir, s.train_device or s.device)
+    data = infinite(trainer.loader)
+    losses = []
+    while trainer.iteration < n:
+        images, targets = next(data)
+        record = trainer.step(images, targets)
+        losses.append(record["loss"])
+        if on_step is not None:
+            on_step(trainer.iteration, record["loss"])
+    final = trainer.save("model_final.pth")
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return final, losses
+
+
+def evaluate_and_decide(current: Path, new: Path, data_dir: Path, split: str, device: str, settings, force: bool = False) -> dict:
+    """Steps 3 and 4 of a run: both checkpoints evaluated on the same ``split`` of
+    ``data_dir`` (:func:`evaluate_checkpoint`) and the promotion rule (:func:`not_worse`
+    with the settings' tolerances; ``force`` or ``train_promote=always`` promotes a worse
+    model). Returns {"better", "forced", "decision", "eval_before", "eval_after"}."""
+    s = settings
+    before = evaluate_checkpoint(current, data_dir, split, device, s.branch)
+    after = evaluate_checkpoint(new, data_dir, split, device, s.branch)
+    better, why = not_worse(before, after, s.train_promote_ap_tolerance, s.train_promote_iou_tolerance)
+    forced = not better and (force or s.train_promote == "always")
+    return {"better": better, "forced": forced, "decision": why, "eval_before": before, "eval_after": after}
 
 
 def not_worse(before: dict, after: dict, ap_tolerance: float = 0.0, iou_tolerance: float = 0.0) -> tuple[bool, str]:
