@@ -63,13 +63,75 @@ def pixels_to_percent(box: Sequence[float], width: int, height: int) -> dict:
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool (or 0/1, or 0/255) -> Label Studio brush RLE bytes, as ints."""
-    from label_studio_sdk.converter.brush import mask2rle
+    """(H, W) bool (or 0/1, or 0/255) -> Label Studio brush RLE bytes, as ints.
 
+    Byte for byte what label-studio-sdk's ``converter.brush.mask2rle`` gives for the mask as
+    0/255 (tested), computed from the runs of the mask's bounding crop instead of the full
+    RGBA array: label-studio-sdk repeats every pixel 4 times (RGBA) and run-length encodes
+    the whole W*H*4 array (~20-35 ms for 1920x1080, per mask); here the work grows with the
+    crop (:func:`_row_major_runs`) and the bit layout is :func:`_brush_bits`.
+    """
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"a mask must be 2-D (H, W); got shape {list(m.shape)}")
-    return mask2rle(np.where(m > 0, 255, 0).astype(np.uint8))
+    lengths, first_value = _row_major_runs(m > 0)
+    bits = _brush_bits([4 * n for n in lengths], first_value, total=m.size * 4)
+    return list(int(bits, 2).to_bytes(len(bits) // 8, "big"))
+
+
+def _row_major_runs(binary: np.ndarray) -> tuple[list[int], int]:
+    """Run lengths of ``binary`` flattened row by row, and the value (0 or 255) of the first
+    run; the runs alternate between the two values."""
+    h, w = binary.shape
+    rows = np.flatnonzero(binary.any(axis=1))
+    if rows.size == 0:
+        return [h * w], 0
+    cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    cw = c1 - c0
+    padded = np.zeros((r1 - r0, cw + 1), np.int8)  # each crop row followed by one 0: runs end in their row
+    padded[:, :cw] = binary[r0:r1, c0:c1]
+    step = np.diff(padded.reshape(-1), prepend=0)
+    starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+    starts = (r0 + starts // (cw + 1)) * w + c0 + starts % (cw + 1)
+    ends = (r0 + ends // (cw + 1)) * w + c0 + ends % (cw + 1)
+    apart = starts[1:] != ends[:-1]  # False: a run continues into the next row
+    starts, ends = starts[np.r_[True, apart]], ends[np.r_[apart, True]]
+    edges = np.empty(2 * len(starts) + 2, np.int64)
+    edges[0], edges[-1] = 0, h * w
+    edges[1:-1:2], edges[2:-1:2] = starts, ends
+    lengths = np.diff(edges)
+    first_value = 0
+    if lengths[0] == 0:  # the mask starts with a run of ones
+        lengths, first_value = lengths[1:], 255
+    if lengths[-1] == 0:
+        lengths = lengths[:-1]
+    return lengths.tolist(), first_value
+
+
+def _brush_bits(lengths: list[int], first_value: int, total: int) -> str:
+    """Label Studio's brush RLE bit string (header: 32-bit length, word size 8, run sizes
+    3/4/8/16 bits; then per run a "1" flag, the size index, length - 1 and the 8-bit value;
+    runs over 2**16 in 2**16 pieces), padded with zeros to whole bytes as label-studio-sdk
+    pads (a whole zero byte when already aligned). Runs here are always longer than 1."""
+    out = [f"{total:032b}", f"{7:05b}", "".join(f"{x - 1:04b}" for x in (3, 4, 8, 16))]
+    value = first_value
+    for n in lengths:
+        v = f"{value:08b}"
+        if n <= 8:
+            out.append(f"100{n - 1:03b}{v}")
+        elif n <= 16:
+            out.append(f"101{n - 1:04b}{v}")
+        elif n <= 256:
+            out.append(f"110{n - 1:08b}{v}")
+        else:
+            while n > 2**16:
+                out.append(f"111{2**16 - 1:016b}{v}")
+                n -= 2**16
+            out.append(f"111{n - 1:016b}{v}")
+        value = 255 - value
+    bits = "".join(out)
+    return bits + "0" * (8 - len(bits) % 8)
 
 
 def rle_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray:

@@ -163,20 +163,50 @@ def make_predictor(predictor=None, batch_size=4, **kw) -> TaskPredictor:
 
 
 # ---- brush RLE -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["empty", "full", "pixel", "ellipse", "noise", "stripes"])
+BRUSH_CASES = ["empty", "full", "pixel", "corner", "last", "ellipse", "noise", "stripes", "rows", "band"]
+
+
+def _brush_case(case: str, h: int = 37, w: int = 53) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return {
+        "empty": np.zeros((h, w), bool),
+        "full": np.ones((h, w), bool),
+        "pixel": (yy == 5) & (xx == 7),
+        "corner": (yy < 3) & (xx < 4),  # starts at the first pixel
+        "last": (yy == h - 1) & (xx >= w - 2),  # ends at the last pixel
+        "ellipse": ((xx - 25) / 20.0) ** 2 + ((yy - 18) / 11.0) ** 2 <= 1,
+        "noise": np.random.default_rng(1).random((h, w)) > 0.5,
+        "stripes": (xx // 3) % 2 == 0,
+        "rows": (yy >= 4) & (yy < 9),  # whole rows: one run across row ends
+        "band": (xx >= w - 5) | (xx < 2),  # runs continuing from one row's end into the next row's start
+    }[case]
+
+
+@pytest.mark.parametrize("case", BRUSH_CASES)
+def test_brush_rle_is_byte_for_byte_label_studio_sdks(case):
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = _brush_case(case)
+    assert mask_to_rle(mask) == mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+
+
+def test_brush_rle_of_long_runs_matches_label_studio_sdk():
+    """Runs over 2**16 values (16384 pixels x RGBA) are written in 2**16 pieces."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = np.zeros((300, 400), bool)
+    mask[50:250] = True  # 80000 pixels = 320000 values in one run
+    mask[260, 10:20] = True
+    assert mask_to_rle(mask) == mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+    assert mask_to_rle(np.ones((128, 128), bool)) == mask2rle(np.full((128, 128), 255, np.uint8))  # exactly 2**16 values
+
+
+@pytest.mark.parametrize("case", BRUSH_CASES)
 def test_brush_rle_round_trips_through_the_sdk_decoder(case):
     from label_studio_sdk.converter.brush import decode_rle
 
     h, w = 37, 53
-    yy, xx = np.mgrid[:h, :w]
-    mask = {
-        "empty": np.zeros((h, w), bool),
-        "full": np.ones((h, w), bool),
-        "pixel": (yy == 5) & (xx == 7),
-        "ellipse": ((xx - 25) / 20.0) ** 2 + ((yy - 18) / 11.0) ** 2 <= 1,
-        "noise": np.random.default_rng(1).random((h, w)) > 0.5,
-        "stripes": (xx // 3) % 2 == 0,
-    }[case]
+    mask = _brush_case(case, h, w)
     rle = mask_to_rle(mask)
     assert all(isinstance(v, int) and 0 <= v <= 255 for v in rle)
     rgba = decode_rle(rle).reshape(h, w, 4)
