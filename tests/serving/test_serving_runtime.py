@@ -315,11 +315,16 @@ def test_micro_batcher_batches_isolates_failures_and_bounds_the_queue():
     asyncio.run(scenario())
 
 
-def test_crop_rle_equals_pycocotools_on_the_full_mask():
-    """serving.masks.encode_rle works on the mask's bounding crop; the counts must be byte for
-    byte pycocotools' (edge cases: empty, full, touching every border, runs that continue
-    from the bottom of one column to the top of the next, one pixel)."""
+@pytest.mark.parametrize("crop_fraction", [1.0, 0.25, 0.0])
+def test_crop_rle_equals_pycocotools_on_the_full_mask(monkeypatch, crop_fraction):
+    """serving.masks.encode_rle works on the mask's bounding crop (or hands a large crop to
+    pycocotools whole); the counts must be byte for byte pycocotools' (edge cases: empty,
+    full, touching every border, runs that continue from the bottom of one column to the top
+    of the next, one pixel). crop_fraction 1.0: always the crop path; 0.0: never."""
+    from serving import masks
     from serving.masks import encode_rle
+
+    monkeypatch.setattr(masks, "CROP_FRACTION", crop_fraction)
 
     def reference(m):
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
