@@ -36,11 +36,13 @@ def package_graph(package: str) -> dict[str, set[str]]:
 
 
 def test_serving_and_export_do_not_import_the_training_method():
-    # labelstudio_backend/fit.py fine-tunes the model on the annotators' boxes: it runs the
+    # labelstudio_backend/fit.py fine-tunes the model on the annotators' boxes, and
+    # learning_curve.py simulates that loop (its round 0 trains a first model): both run the
     # training loop by design; the rest of the backend only predicts.
+    trains = {("labelstudio_backend", "fit.py"), ("labelstudio_backend", "learning_curve.py")}
     for package in ("serving", "export", "labelstudio_backend"):
         for path in (REPO / package).glob("*.py"):
-            if (package, path.name) == ("labelstudio_backend", "fit.py"):
+            if (package, path.name) in trains:
                 continue
             bad = sorted(m for m in imports(path) if m.startswith(TRAINING_LOOP))
             assert not bad, f"{package}/{path.name} imports {bad}"
@@ -69,8 +71,13 @@ def test_every_package_adds_its_commands_and_benchmarks_through_entry_points():
     for name in ("train", "eval", "pseudo-label", "export", "serve", "labelstudio", "benchmark"):
         assert name in commands, name
     bench = next(a for a in commands["benchmark"]._actions if a.dest == "benchmark").choices
-    assert sorted(bench) == ["infer", "quality", "serve", "train"]
-    for name, module in (("quality", "training.benchmark"), ("infer", "export.benchmark"), ("serve", "serving.benchmark")):
+    assert sorted(bench) == ["infer", "learning-curve", "quality", "serve", "train"]
+    for name, module in (
+        ("quality", "training.benchmark"),
+        ("infer", "export.benchmark"),
+        ("serve", "serving.benchmark"),
+        ("learning-curve", "labelstudio_backend.learning_curve"),
+    ):
         assert bench[name].get_default("func").__module__ == module
 
 
