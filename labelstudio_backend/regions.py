@@ -82,25 +82,9 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 def _row_major_runs(binary: np.ndarray) -> tuple[list[int], int]:
     """Run lengths of ``binary`` flattened row by row, and the value (0 or 255) of the first
     run; the runs alternate between the two values."""
-    h, w = binary.shape
-    rows = np.flatnonzero(binary.any(axis=1))
-    if rows.size == 0:
-        return [h * w], 0
-    cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    cw = c1 - c0
-    padded = np.zeros((r1 - r0, cw + 1), np.int8)  # each crop row followed by one 0: runs end in their row
-    padded[:, :cw] = binary[r0:r1, c0:c1]
-    step = np.diff(padded.reshape(-1), prepend=0)
-    starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
-    starts = (r0 + starts // (cw + 1)) * w + c0 + starts % (cw + 1)
-    ends = (r0 + ends // (cw + 1)) * w + c0 + ends % (cw + 1)
-    apart = starts[1:] != ends[:-1]  # False: a run continues into the next row
-    starts, ends = starts[np.r_[True, apart]], ends[np.r_[apart, True]]
-    edges = np.empty(2 * len(starts) + 2, np.int64)
-    edges[0], edges[-1] = 0, h * w
-    edges[1:-1:2], edges[2:-1:2] = starts, ends
-    lengths = np.diff(edges)
+    from serving.masks import alternating_run_lengths, bounding_crop
+
+    lengths = alternating_run_lengths(binary, bounding_crop(binary))
     first_value = 0
     if lengths[0] == 0:  # the mask starts with a run of ones
         lengths, first_value = lengths[1:], 255
