@@ -13,8 +13,9 @@ every runtime (PyTorch, ONNX Runtime, TensorRT):
    the controller parameters at the box centre on the FPN level its size falls into
    (:meth:`training.model.condinst.CondInst.prompt`), and the class / detection score
    at that cell;
-4. every mask is clipped to its box and scored with the mask-aware score
-   (:func:`training.model.scores.mask_aware_score`) over the box.
+4. every mask is pasted on its box alone (:func:`training.model.processing.paste_mask_in_box`:
+   the work grows with the box, not the image), so it is clipped to the box, and scored with
+   the mask-aware score (:func:`training.model.scores.mask_aware_score`) over the box.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor
 
 from training.model.assignment import assign_pseudo_masks
-from training.model.boxes import box_pixel_masks
-from training.model.processing import paste_masks, scale_boxes
-from training.model.scores import mask_aware_score
+from training.model.boxes import box_pixel_bounds
+from training.model.processing import paste_mask_in_box, scale_boxes
+from training.model.scores import mask_aware_score_from_mean, mean_foreground_probability
 
 # ``Instance.source`` values
 SOURCE_DETECTION = "detection"  # the model's own detection (no boxes given)
@@ -165,18 +166,13 @@ def box_prompted_masks(
         labels = prompt.labels.to(device).long()
         det = prompt.det_scores.to(device).float()
     masks = torch.zeros(num, h, w, dtype=torch.bool, device=device)
-    scores = torch.zeros(num, device=device)
-    for sl in chunk_slices(num, h * w):
-        inside = box_pixel_masks(boxes[sl], h, w)
-        probs = paste_masks(probs_s4[sl].float(), encoding.input_hw, output_hw, mask_stride) * inside
-        scores[sl] = mask_aware_score(det[sl], probs, None, mask_threshold)
-        masks[sl] = probs > mask_threshold
+    m_bar = torch.zeros(num, device=device)
+    # Only the box's pixels (those box_pixel_masks marks) are pasted: the mask is zero
+    # outside its box, so m_bar over the box is m_bar over the image.
+    for k, (x0, y0, x1, y1) in enumerate(box_pixel_bounds(boxes, h, w).tolist()):
+        probs = paste_mask_in_box(probs_s4[k], (x0, y0, x1, y1), encoding.input_hw, output_hw, mask_stride)
+        m_bar[k] = mean_foreground_probability(probs[None], None, mask_threshold)[0]
+        masks[k, y0:y1, x0:x1] = probs > mask_threshold
+    scores = mask_aware_score_from_mean(det, m_bar)
     sources = [SOURCE_MATCHED if m else SOURCE_PROMPT for m in has.tolist()]
     return PromptedMasks(labels, det, scores, masks, sources, matched)
-
-
-def chunk_slices(num: int, pixels_per_item: int, max_floats: int = 32 * 1024 * 1024) -> list[slice]:
-    """Slices over ``num`` items so that one chunk of full-size float masks stays
-    under ``max_floats`` values (128 MiB of float32): bounds the memory of pasting."""
-    step = max(1, max_floats // max(pixels_per_item, 1))
-    return [slice(i, min(i + step, num)) for i in range(0, num, step)]

@@ -36,7 +36,7 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from serving.cache import EncodingCache, image_digest
-from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, chunk_slices, validate_boxes
+from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, validate_boxes
 from training.model.processing import InputSpec, batch_to_spec, paste_masks, resize_to_spec, scale_boxes
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,13 @@ class Predictor(ABC):
         label = int(label)
         name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
         return Instance(np.asarray(box, dtype=np.float32).copy(), label, name, float(det), float(score), mask, source)
+
+
+def chunk_slices(num: int, pixels_per_item: int, max_floats: int = 32 * 1024 * 1024) -> list[slice]:
+    """Slices over ``num`` items so that one chunk of full-size float masks stays
+    under ``max_floats`` values (128 MiB of float32): bounds the memory of pasting."""
+    step = max(1, max_floats // max(pixels_per_item, 1))
+    return [slice(i, min(i + step, num)) for i in range(0, num, step)]
 
 
 def _check_image(image, index: int) -> np.ndarray:

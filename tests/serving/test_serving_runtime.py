@@ -173,9 +173,10 @@ def test_box_prompts(predictor):
         outside = ~box_pixel_masks(torch.tensor(inst.box[None]), 96, 96)[0].numpy()
         assert not inst.mask[outside].any()
         assert 0 <= inst.mask_score <= 1
-    # the matched mask is the detection's mask clipped to the box
+    # the matched mask is the detection's mask clipped to the box (pasted on the box alone:
+    # the same probabilities up to float rounding, so a pixel at the threshold may differ)
     inside = box_pixel_masks(torch.tensor(dets[0].box[None]), 96, 96)[0].numpy()
-    assert np.array_equal(prompted[1].mask, dets[0].mask & inside)
+    assert (prompted[1].mask != (dets[0].mask & inside)).sum() <= 2 and prompted[1].mask.any()
     assert predictor.predict([im], boxes=[np.zeros((0, 4))])[0] == []
 
 

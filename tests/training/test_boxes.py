@@ -7,7 +7,7 @@ import torch
 
 import training.evaluate
 import training.losses
-from training.model.boxes import box_fill_masks, box_masks, box_pixel_masks
+from training.model.boxes import box_fill_masks, box_masks, box_pixel_bounds, box_pixel_masks
 
 
 def test_training_modules_re_export_the_one_definition():
@@ -45,3 +45,13 @@ def test_box_pixel_masks_cover_the_pixels_a_box_touches():
     expected = np.zeros((5, 6), bool)
     expected[2:4, 1:4] = True
     assert np.array_equal(m.numpy(), expected)
+
+
+def test_box_pixel_bounds_are_the_window_of_box_pixel_masks():
+    boxes = torch.tensor([[1.5, 2.0, 4.0, 3.2], [-3.0, 0.2, 2.5, 9.0], [0.0, 0.0, 6.0, 5.0]])
+    # floor / ceil, then clipped to the 6 x 5 image
+    assert box_pixel_bounds(boxes, 5, 6).tolist() == [[1, 2, 4, 4], [0, 0, 3, 5], [0, 0, 6, 5]]
+    for (x0, y0, x1, y1), m in zip(box_pixel_bounds(boxes, 5, 6).tolist(), box_pixel_masks(boxes, 5, 6)):
+        window = np.zeros((5, 6), bool)
+        window[y0:y1, x0:x1] = True
+        assert np.array_equal(m.numpy(), window)

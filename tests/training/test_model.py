@@ -20,7 +20,7 @@ from training.model.fcos import (
     non_max_suppression,
 )
 from training.model.mask_head import aligned_bilinear, dynamic_param_count, relative_coordinates, run_dynamic_head, split_dynamic_params
-from training.model.processing import normalize_and_pad, paste_masks, resized_size, scale_boxes
+from training.model.processing import normalize_and_pad, paste_mask_in_box, paste_masks, paste_taps, resized_size, scale_boxes
 
 
 def test_locations_and_size_ranges():
@@ -179,6 +179,28 @@ def test_paste_masks_back_and_scale_boxes():
     assert 14 <= ys.min() <= 18 and 28 <= ys.max() <= 33 and 14 <= xs.min() <= 18
     boxes = scale_boxes(torch.tensor([[10.0, 5.0, 40.0, 29.0]]), (30, 28), (60, 56))
     assert boxes.tolist() == [[20.0, 10.0, 56.0, 58.0]]  # x2 clipped to the width 56
+
+
+def test_paste_taps_by_hand():
+    # stride 2, two cells, no resize: aligned_bilinear of an impulse at cell 0 is [1, 1, .5, 0]
+    # (pad right, align_corners to 5: [1, .5, 0, 0, 0]; pad left 1: [1, 1, .5, 0, 0, 0]; crop 4)
+    index, weight = paste_taps(2, 2, 4, 4)
+    matrix = torch.zeros(4, 2).scatter_add_(1, index, weight)
+    assert matrix.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    "canvas_s4, input_hw, output_hw",
+    [((8, 8), (30, 28), (60, 56)), ((6, 10), (24, 37), (24, 37)), ((20, 32), (72, 120), (1080, 1920)), ((9, 7), (33, 25), (17, 13))],
+)
+def test_paste_mask_in_box_is_paste_masks_on_the_box(canvas_s4, input_hw, output_hw):
+    probs = torch.rand(1, *canvas_s4, generator=torch.Generator().manual_seed(sum(output_hw)))
+    full = paste_masks(probs, input_hw, output_hw)[0]
+    h, w = output_hw
+    for x0, y0, x1, y1 in [(0, 0, w, h), (1, 2, w // 2, h // 3), (w - 3, h - 2, w, h), (w // 3, h // 4, w // 3 + 1, h // 4 + 1)]:
+        crop = paste_mask_in_box(probs[0], (x0, y0, x1, y1), input_hw, output_hw)
+        assert crop.shape == (y1 - y0, x1 - x0)
+        torch.testing.assert_close(crop, full[y0:y1, x0:x1], rtol=0, atol=1e-6)
 
 
 def test_resize_and_normalize_and_pad():

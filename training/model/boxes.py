@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["box_masks", "box_fill_masks", "box_pixel_masks"]
+__all__ = ["box_masks", "box_fill_masks", "box_pixel_bounds", "box_pixel_masks"]
 
 
 def box_masks(boxes: Tensor, height: int, width: int, stride: int = 4) -> Tensor:
@@ -81,15 +81,22 @@ def box_fill_masks(boxes: Tensor, height: int, width: int) -> Tensor:
     return (xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys >= b[:, 1]) & (ys <= b[:, 3])
 
 
+def box_pixel_bounds(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(n, 4) xyxy pixels -> (n, 4) int64 windows (x0, y0, x1, y1), x1 / y1 exclusive, of the
+    pixels :func:`box_pixel_masks` marks: floor(x1) <= c < ceil(x2), floor(y1) <= r < ceil(y2),
+    clipped to the ``height`` x ``width`` image (a box prompt's mask is computed on its window)."""
+    limits = boxes.new_tensor([width, height, width, height])
+    corners = torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], dim=1)
+    return torch.minimum(corners.clamp(min=0), limits).long()
+
+
 def box_pixel_masks(boxes: Tensor, height: int, width: int) -> Tensor:
     """(n, 4) xyxy pixels -> (n, H, W) bool on ``boxes.device``: pixel (row r, col c) is
     inside a box when floor(x1) <= c < ceil(x2) and floor(y1) <= r < ceil(y2) (the pixels
     the box touches)."""
-    device = boxes.device
-    cols = torch.arange(width, device=device)
-    rows = torch.arange(height, device=device)
-    x1, y1 = boxes[:, 0].floor()[:, None], boxes[:, 1].floor()[:, None]
-    x2, y2 = boxes[:, 2].ceil()[:, None], boxes[:, 3].ceil()[:, None]
-    in_cols = (cols[None] >= x1) & (cols[None] < x2)  # (n, W)
-    in_rows = (rows[None] >= y1) & (rows[None] < y2)  # (n, H)
+    cols = torch.arange(width, device=boxes.device)
+    rows = torch.arange(height, device=boxes.device)
+    x0, y0, x1, y1 = box_pixel_bounds(boxes, height, width).T[:, :, None]
+    in_cols = (cols[None] >= x0) & (cols[None] < x1)  # (n, W)
+    in_rows = (rows[None] >= y0) & (rows[None] < y1)  # (n, H)
     return in_rows[:, :, None] & in_cols[:, None, :]

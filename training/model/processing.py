@@ -5,6 +5,7 @@ these functions, so they agree to the pixel:
 - :func:`resized_size` / :func:`resize_image`: shortest-edge resize with a long-side cap;
 - :func:`normalize_and_pad`: channel order, (x - mean) / std, zero-pad to a multiple of 32;
 - :func:`paste_masks`: stride-4 probabilities -> the original image size;
+- :func:`paste_mask_in_box`: the same, computed only inside one box (box prompts);
 - :func:`scale_boxes`: boxes from the resized input back to the original image;
 - :class:`InputSpec`, :func:`resize_to_spec`, :func:`batch_to_spec`: the same rules for a
   model known only by its input description (an exported graph's metadata, a checkpoint's
@@ -14,6 +15,7 @@ these functions, so they agree to the pixel:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,53 @@ def paste_masks(mask_probs: Tensor, input_hw: tuple[int, int], output_hw: tuple[
     if tuple(x.shape[-2:]) != tuple(output_hw):
         x = F.interpolate(x, size=output_hw, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+@lru_cache(maxsize=32)
+def paste_taps(length_s: int, stride: int, input_len: int, output_len: int) -> tuple[Tensor, Tensor]:
+    """:func:`paste_masks` along one axis as taps: output pixel i = sum_k weight[i, k] *
+    stride-``stride`` value index[i, k].
+
+    The paste is linear and separable (aligned_bilinear, crop to ``input_len``, bilinear
+    to ``output_len``), so its weights along one axis are the paste of unit impulses: the
+    rows of that matrix have at most a few non-zeros, kept here as (output_len, K) index
+    and weight tensors (K = the most non-zeros of any row; unused taps weigh 0).
+    """
+    eye = torch.eye(length_s)[:, None]  # (n, 1, n): impulse j in row j
+    x = eye
+    if stride != 1:
+        x = F.pad(x, (0, 1), mode="replicate")
+        x = F.interpolate(x, size=stride * length_s + 1, mode="linear", align_corners=True)
+        x = F.pad(x, (stride // 2, 0), mode="replicate")[..., : stride * length_s]
+    x = x[..., :input_len]
+    if input_len != output_len:
+        x = F.interpolate(x, size=output_len, mode="linear", align_corners=False)
+    matrix = x[:, 0].T.contiguous()  # (output_len, n)
+    k = max(int((matrix != 0).sum(dim=1).max()), 1)
+    weight, index = matrix.abs().topk(k, dim=1)
+    return index, matrix.gather(1, index) * (weight != 0)
+
+
+def paste_mask_in_box(
+    mask_probs: Tensor, box: tuple[int, int, int, int], input_hw: tuple[int, int], output_hw: tuple[int, int], stride: int = 4
+) -> Tensor:
+    """:func:`paste_masks` of one mask, only on the pixels ``box`` = (x0, y0, x1, y1) covers
+    (integers, x1 / y1 exclusive): (hp, wp) stride-``stride`` probabilities -> (y1 - y0, x1 - x0).
+
+    Equal to ``paste_masks(mask_probs[None], ...)[0, y0:y1, x0:x1]`` up to float rounding
+    (the same weights, summed in another order), at the cost of the box instead of the
+    image: a box prompt on a 1920x1080 image needs only its box.
+    """
+    x0, y0, x1, y1 = box
+    rows_i, rows_w = (t.to(mask_probs.device) for t in paste_taps(mask_probs.shape[0], stride, input_hw[0], output_hw[0]))
+    cols_i, cols_w = (t.to(mask_probs.device) for t in paste_taps(mask_probs.shape[1], stride, input_hw[1], output_hw[1]))
+    rows_i, rows_w, cols_i, cols_w = rows_i[y0:y1], rows_w[y0:y1], cols_i[x0:x1], cols_w[x0:x1]
+    if rows_i.numel() == 0 or cols_i.numel() == 0:
+        return mask_probs.new_zeros(max(y1 - y0, 0), max(x1 - x0, 0))
+    first, last = int(cols_i.min()), int(cols_i.max()) + 1
+    band = mask_probs[:, first:last].float()
+    by_rows = (band[rows_i] * rows_w[..., None]).sum(dim=1)  # (h, band width)
+    return (by_rows[:, cols_i - first] * cols_w[None]).sum(dim=-1)
 
 
 def scale_boxes(boxes: Tensor, input_hw: tuple[int, int], output_hw: tuple[int, int]) -> Tensor:
