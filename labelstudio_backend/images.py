@@ -19,7 +19,9 @@ token (a JWT refresh token) is exchanged at ``/api/token/refresh/`` for a short-
 access token sent as ``Bearer``; a legacy token is sent as ``Token <key>``.
 
 Decoded images are cached in memory (LRU, bounded in bytes) for ``cache_ttl_s`` seconds;
-a local file is re-read when its size or modification time changes.
+a local file is re-read when its size or modification time changes. A cached image's pixel
+digest (the predictor's encoding-cache key) is computed once, so an annotator's next box on
+the same image is neither fetched, decoded nor hashed again (:meth:`ImageFetcher.load_ref`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from urllib.parse import parse_qs, quote, urljoin, urlsplit
 import httpx
 import numpy as np
 
+from serving.cache import image_digest
 from serving.images import ImageError, decode_image
+from serving.runtime import ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +183,13 @@ def jwt_claims(token: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 class ImageCache:
     """Decoded images by key, least recently used dropped first, at most ``max_bytes`` in
-    total, each kept ``ttl_s`` seconds. Thread-safe."""
+    total, each kept ``ttl_s`` seconds, with each image's pixel digest once it was asked for
+    (:meth:`digest`). Thread-safe."""
 
     def __init__(self, max_bytes: int, ttl_s: float):
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
-        self._items: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+        self._items: OrderedDict[str, _Cached] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -193,14 +198,14 @@ class ImageCache:
     def get(self, key: str) -> np.ndarray | None:
         with self._lock:
             item = self._items.get(key)
-            if item is None or time.monotonic() - item[1] > self.ttl_s:
+            if item is None or time.monotonic() - item.stored > self.ttl_s:
                 if item is not None:
                     self._drop(key)
                 self.misses += 1
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return item[0]
+            return item.image
 
     def put(self, key: str, image: np.ndarray) -> None:
         if image.nbytes > self.max_bytes:
@@ -208,10 +213,24 @@ class ImageCache:
         with self._lock:
             if key in self._items:
                 self._drop(key)
-            self._items[key] = (image, time.monotonic())
+            self._items[key] = _Cached(image, time.monotonic())
             self._bytes += image.nbytes
             while self._bytes > self.max_bytes and self._items:
                 self._drop(next(iter(self._items)))
+
+    def digest(self, key: str, image: np.ndarray) -> str:
+        """:func:`serving.cache.image_digest` of ``image``, remembered with the entry of ``key``
+        while that entry holds this very array (cached images are never modified)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item.image is image and item.digest is not None:
+                return item.digest
+        value = image_digest(image)
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item.image is image:
+                item.digest = value
+        return value
 
     def clear(self) -> None:
         with self._lock:
@@ -223,8 +242,14 @@ class ImageCache:
             return {"images": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
 
     def _drop(self, key: str) -> None:
-        image, _ = self._items.pop(key)
-        self._bytes -= image.nbytes
+        self._bytes -= self._items.pop(key).image.nbytes
+
+
+@dataclass
+class _Cached:
+    image: np.ndarray
+    stored: float  # time.monotonic() when put
+    digest: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,20 +310,31 @@ class ImageFetcher:
             UrlNotAllowed: refused by the rules (scheme, host, path outside the root);
             ImageFetchError: not found, too large, too slow, not an image, HTTP error.
         """
+        return self._load(value, task_id)[0]
+
+    def load_ref(self, value: object, task_id: int | None = None) -> ImageRef:
+        """As :meth:`load`, as a :class:`serving.runtime.ImageRef` whose digest is computed
+        once per cached image (interactive requests: the encoding cache's key without hashing
+        the pixels at every box)."""
+        image, key = self._load(value, task_id)
+        digest = self.cache.digest(key, image) if key is not None else image_digest(image)
+        return ImageRef(digest, (int(image.shape[0]), int(image.shape[1])), lambda: image)
+
+    def _load(self, value: object, task_id: int | None) -> tuple[np.ndarray, str | None]:
+        """The image and its cache key (None: a data: URL, not cached)."""
         if not isinstance(value, str) or not value.strip():
             raise ImageFetchError(f"the task's image value is not a non-empty string: {_short(repr(value))}")
         value = value.strip()
         if value.lower().startswith("data:"):
-            return self._data_url(value)
+            return self._data_url(value), None
         local = self._local_file(value)
         if local is not None:
             stat = local.stat()
             key = f"file:{local}:{stat.st_size}:{stat.st_mtime_ns}"
-            return self._cached(key, lambda: self._read_local(local, stat.st_size))
+            return self._cached(key, lambda: self._read_local(local, stat.st_size)), key
         url = self._resolve(value, task_id)
-        return self._cached(url, lambda: self._download(url))
+        return self._cached(url, lambda: self._download(url)), url
 
-    # ---- resolution ----------------------------------------------------------------------
     def _resolve(self, value: str, task_id: int | None) -> str:
         """Task value -> an absolute http(s) URL that passes the allowlist."""
         scheme = urlsplit(value).scheme.lower()

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serving.runtime import Instance
+from serving.runtime import ImageRef, Instance
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class RemotePredictor:
 
     def predict(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | ImageRef],
         boxes: Sequence[np.ndarray | None] | None = None,
         score_threshold: float | None = None,
         max_instances: int | None = None,
@@ -68,6 +68,7 @@ class RemotePredictor:
     ) -> list[list[Instance]]:
         """As :meth:`serving.runtime.Predictor.predict` (``use_cache`` is the server's business:
         the API keeps its own encoding cache and finds the same image by its pixels)."""
+        images = [im.load() if isinstance(im, ImageRef) else im for im in images]
         box_list = list(boxes) if boxes is not None else [None] * len(images)
         if len(images) <= 1:
             return [self._one(im, b, score_threshold, max_instances) for im, b in zip(images, box_list)]

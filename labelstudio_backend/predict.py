@@ -42,6 +42,7 @@ from labelstudio_backend.images import ImageFetcher
 from labelstudio_backend.label_config import LabelConfig, class_to_label_map
 from labelstudio_backend.model import ModelHolder
 from labelstudio_backend.regions import Rectangle, brush_result, has_rectangles, rectangle_result, rectangles_in
+from serving.runtime import ImageRef
 
 log = logging.getLogger(__name__)
 MIN_BOX_PIXELS = 1.0  # a rectangle narrower or lower than this (after clipping) gets no mask
@@ -89,6 +90,7 @@ class _Job:
     task: dict
     rect_results: list[dict] | None  # annotators' rectangles (raw result items), None: detect
     image: np.ndarray | None = None
+    ref: ImageRef | None = None  # interactive: the image with its digest (the encoding cache's key)
     boxes: np.ndarray | None = None
     rects: list[Rectangle] = field(default_factory=list)
 
@@ -201,7 +203,11 @@ class TaskPredictor:
         data = job.task.get("data") or {}
         if config.image_key not in data:
             raise KeyError(f"the task data has no '{config.image_key}' (keys: {sorted(data)[:10]})")
-        job.image = self.fetcher.load(data[config.image_key], job.task.get("id"))
+        if strict:
+            job.ref = self.fetcher.load_ref(data[config.image_key], job.task.get("id"))
+            job.image = job.ref.load()
+        else:
+            job.image = self.fetcher.load(data[config.image_key], job.task.get("id"))
         if job.rect_results is None:
             return
         h, w = job.image.shape[:2]
@@ -222,7 +228,7 @@ class TaskPredictor:
         o = self.options
         started = time.perf_counter()
         out = self.holder.predict(
-            [j.image for j in jobs],
+            [j.ref if use_cache and j.ref is not None else j.image for j in jobs],
             boxes=[j.boxes if j.rect_results is not None else None for j in jobs],
             score_threshold=o.score_threshold,
             max_instances=o.max_instances,

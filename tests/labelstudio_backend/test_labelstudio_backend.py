@@ -22,7 +22,8 @@ from labelstudio_backend.label_config import LabelConfigError, class_to_label_ma
 from labelstudio_backend.model import ModelHolder
 from labelstudio_backend.predict import PredictOptions, TaskPredictor, aggregate_score, annotator_rectangles
 from labelstudio_backend.regions import brush_result, mask_to_rle, percent_to_pixels, pixels_to_percent, rectangles_in, rle_to_mask
-from serving.runtime import Instance
+from serving.cache import image_digest
+from serving.runtime import ImageRef, Instance
 
 XML = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -53,9 +54,10 @@ class FakePredictor:
         boxes = boxes if boxes is not None else [None] * len(images)
         self.calls.append((len(images), [None if b is None else len(b) for b in boxes]))
         self.cached = getattr(self, "cached", []) + [use_cache]
+        self.images = getattr(self, "images", []) + [list(images)]
         out = []
         for image, b in zip(images, boxes):
-            h, w = image.shape[:2]
+            h, w = image.hw if isinstance(image, ImageRef) else image.shape[:2]
             if b is None:  # two detections: class 0 (car) and class 2 (dog, unmapped)
                 b_det = np.array([[1, 1, w // 2, h // 2], [w // 2, h // 2, w - 1, h - 1]], dtype=np.float32)
                 out.append([self._inst(b_det[0], 0, h, w, 0.9), self._inst(b_det[1], 2, h, w, 0.7)])
@@ -397,6 +399,37 @@ def test_interactive_requests_use_the_encoding_cache_batch_requests_do_not(confi
     tp.predict([task], config, {"result": [rect(10, 20, 30, 40)]})
     tp.predict([task, task], config)
     assert fake.cached == [True, False]
+    # interactive: the image goes with its digest (the encoding cache's key); batch: pixels only
+    (ref,), batch = fake.images
+    pixels = tp.fetcher.load(data_url())
+    assert isinstance(ref, ImageRef) and ref.digest == image_digest(pixels) and ref.hw == (48, 64)
+    assert np.array_equal(ref.load(), pixels)
+    assert all(isinstance(im, np.ndarray) for im in batch)
+
+
+def test_cached_image_digest_is_computed_once_per_entry(monkeypatch, tmp_path):
+    import labelstudio_backend.images as images_module
+
+    calls = []
+    monkeypatch.setattr(images_module, "image_digest", lambda im: calls.append(im.shape) or image_digest(im))
+    (tmp_path / "a.png").write_bytes(png_bytes(30, 20, seed=1))
+    fetcher = ImageFetcher(local_files_root=tmp_path, label_studio_url="http://ls")
+    first = fetcher.load_ref("/data/local-files/?d=a.png")
+    second = fetcher.load_ref("/data/local-files/?d=a.png")
+    assert first.digest == second.digest == image_digest(fetcher.load("/data/local-files/?d=a.png"))
+    assert calls == [(20, 30, 3)] and first.hw == (20, 30)
+    # a changed file is a new entry: decoded and hashed again
+    (tmp_path / "a.png").write_bytes(png_bytes(31, 21, seed=2))
+    third = fetcher.load_ref("/data/local-files/?d=a.png")
+    assert third.digest != first.digest and calls == [(20, 30, 3), (21, 31, 3)]
+    # an array that is not the cached one under that key is hashed, not given the entry's digest
+    other = np.zeros((21, 31, 3), np.uint8)
+    key = next(iter(fetcher.cache._items))
+    assert fetcher.cache.digest(key, other) == image_digest(other) and len(calls) == 3
+    # data: URLs are not cached: hashed every time
+    fetcher.load_ref(data_url(8, 6))
+    fetcher.load_ref(data_url(8, 6))
+    assert calls[3:] == [(6, 8, 3), (6, 8, 3)]
 
 
 def test_a_bad_box_fails_only_its_task(config):
