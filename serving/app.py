@@ -41,7 +41,7 @@ from serving.masks import encode_mask, polygon_available
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.openapi import AUTH_401, SEGMENT_DESCRIPTION, SEGMENT_REQUEST_BODY, SEGMENT_RESPONSES, doc
 from serving.prompting import validate_boxes
-from serving.requests import parse_boxes, read_request, segment_options
+from serving.requests import image_id_field, parse_boxes, read_request, segment_options
 from serving.runtime import ImageRef, Instance, Predictor, load_predictor
 from serving.schemas import Health, MaskFormatName, ModelInfo, Ready, SegmentResponse
 from serving.settings import ServeSettings
@@ -123,6 +123,7 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
     app.state.incoming = 0  # /v1/segment requests received, not yet queued for inference
     app.state.metrics = metrics
     app.state.uploads = EncodingCache(settings.known_uploads, size=lambda _: 1)  # sha256(upload) -> (pixel digest, (H, W))
+    app.state.images = EncodingCache(settings.known_uploads, size=lambda _: 1)  # image_id (pixel digest) -> (H, W)
 
     # ---- errors: always JSON ErrorBody ----------------------------------------------------
     @app.exception_handler(ApiError)
@@ -246,12 +247,17 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
                 raise ApiError(422, "invalid_request", "mask_format=polygon needs opencv-python-headless on the server; use rle or png")
             t_decode = time.perf_counter()
             p: Predictor = st.predictor
-            try:
-                image, cached = await anyio.to_thread.run_sync(
-                    _image_ref, data, p, st.uploads, settings.max_pixels, metrics, limiter=st.codec_limiter
-                )
-            except ImageError as err:
-                raise ApiError(err.status, err.code, str(err)) from None
+            if data is None:
+                image, cached = _known_image(image_id_field(fields["image_id"]), p, st.images), True
+                metrics.decodes.labels("skipped").inc()
+            else:
+                try:
+                    image, cached = await anyio.to_thread.run_sync(
+                        _image_ref, data, p, st.uploads, settings.max_pixels, metrics, limiter=st.codec_limiter
+                    )
+                except ImageError as err:
+                    raise ApiError(err.status, err.code, str(err)) from None
+                st.images.put(image.digest, image.hw)
             boxes = None
             if raw_boxes is not None:
                 try:
@@ -263,12 +269,14 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
         t_submit = time.perf_counter()
         try:
             result = await st.batcher.submit(SegmentJob(image, boxes, opts.score_threshold, opts.max_instances))
+        except ImageNotCached as err:  # evicted between the check and the inference
+            raise ApiError(404, "image_not_cached", str(err)) from None
         except QueueFull as err:
             raise ApiError(
                 503, "queue_full", f"the server is busy: {err}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
             ) from None
         t_done = time.perf_counter()
-        content = await anyio.to_thread.run_sync(_response_json, p, image.hw, result.instances, opts.mask_format, limiter=st.codec_limiter)
+        content = await anyio.to_thread.run_sync(_response_json, p, image, result.instances, opts.mask_format, limiter=st.codec_limiter)
         metrics.instances.inc(len(result.instances))
         timing = _server_timing(
             decode=t_submit - t_decode,
@@ -328,6 +336,29 @@ def _image_ref(
     return ref, predictor.cache_key(ref) in predictor.cache
 
 
+class ImageNotCached(LookupError):
+    """A request named an image by ``image_id`` whose encoding the server does not have."""
+
+
+def _known_image(image_id: str, predictor: Predictor, images: EncodingCache) -> ImageRef:
+    """The image an earlier response named ``image_id``, as an :class:`ImageRef` without
+    pixels: its encoding must be in the predictor's cache (404 image_not_cached otherwise)."""
+
+    def gone() -> np.ndarray:
+        raise ImageNotCached(f"image_id {image_id[:12]}... is no longer cached on this server; send the image again")
+
+    hw = images.get(image_id)
+    ref = ImageRef(image_id, hw or (0, 0), gone)
+    if hw is None or predictor.cache_key(ref) not in predictor.cache:
+        raise ApiError(
+            404,
+            "image_not_cached",
+            f"image_id {image_id[:12]}... is not cached on this server (never sent, evicted, or the server restarted "
+            "or changed model); send the image again",
+        )
+    return ref
+
+
 @dataclass
 class SegmentResult:
     instances: list[Instance]
@@ -356,13 +387,14 @@ def _model_ref(p: Predictor) -> dict:
     return {"name": p.name, "version": p.version, "runtime": p.runtime}
 
 
-def _response_json(p: Predictor, hw: tuple[int, int], instances: list[Instance], mask_format: str) -> bytes:
+def _response_json(p: Predictor, image: ImageRef, instances: list[Instance], mask_format: str) -> bytes:
     """The SegmentResponse as JSON bytes (masks encoded here, in a worker thread; orjson: a few
     times faster than json.dumps on ~40 RLE strings, and it refuses NaN as json does with
     ``allow_nan=False``: scores go through :func:`_finite` first)."""
     body = {
-        "width": int(hw[1]),
-        "height": int(hw[0]),
+        "width": int(image.hw[1]),
+        "height": int(image.hw[0]),
+        "image_id": image.digest,
         "model": _model_ref(p),
         "mask_format": mask_format,
         "instances": [

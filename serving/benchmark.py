@@ -20,7 +20,9 @@ Both sides run with the encoding cache off here, so that every request does the 
 ``--prompts`` measures the annotator's loop instead (:func:`prompt_latency`): for each image
 size, the first box on an image (the image part runs) and the next boxes on the same image
 (only the prompt part runs, from the cache), p50 / p95, in process and through POST
-/v1/segment, with the cache on and off, and the peak RSS of the server with its cache full.
+/v1/segment (each box uploading the image, or the next boxes naming it by the first
+response's ``image_id``), with the cache on and off, and the peak RSS of the server with its
+cache full.
 ``--random-model RECIPE`` writes a conditioned random checkpoint of a recipe (backbone weights
 none: timing only) and its ONNX export into ``--workdir`` and benchmarks both runtimes.
 """
@@ -407,8 +409,8 @@ def prompt_latency(
         for hw in map(tuple, image_sizes)
     }
 
-    def per_size(call, path: str, cache: str) -> None:
-        for hw, (images, boxes) in sets.items():
+    def per_size(call, path: str, cache: str, image_sets=None) -> None:
+        for hw, (images, boxes) in (image_sets or sets).items():
             first, rest = [], []
             for im, bs in zip(images, boxes):
                 for j, b in enumerate(bs):
@@ -432,18 +434,24 @@ def prompt_latency(
     del predictor
     server_rss = None
     if http:
-        payloads = {hw: [_png(im) for im in images] for hw, (images, _) in sets.items()}
+        # by image_id: other images (so that their first box encodes), the next boxes name the image
+        id_sets = {hw: (benchmark_images(num_images, hw, seed=8), boxes) for hw, (_, boxes) in sets.items()}
+        pngs = {id(im): _png(im) for group in (sets, id_sets) for images, _ in group.values() for im in images}
         env = {"BOXTEACHER_TORCH_THREADS": str(torch_threads)} if torch_threads else {}
         with _ServerProcess(model, device, 1, 0.0, env) as server, httpx.Client(base_url=server.url, timeout=600) as client:
-            index = {hw: {id(im): k for k, im in enumerate(images)} for hw, (images, _) in sets.items()}
+            image_ids: dict[int, str] = {}
 
-            def post(im, b, hw=None):
-                hw = hw or im.shape[:2]
-                data = payloads[hw][index[hw][id(im)]]
-                r = client.post("/v1/segment", files={"image": ("image.png", data, "image/png")}, data={"boxes": json.dumps(b.tolist())})
+            def post(im, b, by_id: bool = False):
+                fields = {"boxes": json.dumps(b.tolist())}
+                if by_id and id(im) in image_ids:
+                    r = client.post("/v1/segment", files={"image_id": (None, image_ids[id(im)])}, data=fields)
+                else:
+                    r = client.post("/v1/segment", files={"image": ("image.png", pngs[id(im)], "image/png")}, data=fields)
                 r.raise_for_status()
+                image_ids[id(im)] = r.json()["image_id"]
 
             per_size(post, "POST /v1/segment", "on")
+            per_size(lambda im, b: post(im, b, by_id=True), "POST /v1/segment, next boxes by image_id", "on", id_sets)
             server_rss = peak_rss_mb(server.proc.pid if server.proc else None)
     return {
         "setup": {

@@ -20,6 +20,11 @@ Send the image as **multipart/form-data** (`image` file; optional `boxes` as a J
 as **application/json** (`{"image": "<base64>", "boxes": [[x1, y1, x2, y2], ...]}`). Options
 (`score_threshold`, `max_instances`, `mask_format`) go in the query string or as fields.
 
+More boxes on the same image: every response has an `image_id`; send it instead of the
+image (`-F image_id=...` or `"image_id": "..."`) and the server reuses the image's cached
+encoding, with nothing uploaded. When the server no longer has it (evicted, restarted),
+it answers 404 `image_not_cached`: send the image again.
+
 Without boxes: the model's instances, best `mask_score` first. With boxes (pixels, xyxy):
 exactly one instance per box, in the given order, each mask clipped to its box
 (`score_threshold` and `max_instances` do not apply).
@@ -44,6 +49,11 @@ _FIELDS_SCHEMA = {
     "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
     "max_instances": {"type": "integer", "minimum": 1, "maximum": 1000},
     "mask_format": {"type": "string", "enum": ["rle", "polygon", "png", "none"]},
+    "image_id": {
+        "type": "string",
+        "pattern": "^[0-9a-f]{64}$",
+        "description": "instead of image: the image_id of an earlier response (the image's encoding is reused, nothing is uploaded)",
+    },
 }
 
 SEGMENT_REQUEST_BODY = {
@@ -52,10 +62,9 @@ SEGMENT_REQUEST_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "required": ["image"],
                 "additionalProperties": False,
                 "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP, TIFF or GIF"},
+                    "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP, TIFF or GIF (or give image_id)"},
                     **_FIELDS_SCHEMA,
                 },
             },
@@ -64,10 +73,10 @@ SEGMENT_REQUEST_BODY = {
         "application/json": {
             "schema": {
                 "type": "object",
-                "required": ["image"],
                 "additionalProperties": False,
                 "properties": {
-                    "image": {"type": "string", "description": "the image file, base64 (a data: URL prefix is accepted)"},
+                    "image": {"type": "string", "description": "the image file, base64 (a data: URL prefix is accepted); or give image_id"},
+                    "image_id": _FIELDS_SCHEMA["image_id"],
                     "boxes": {
                         "type": ["array", "null"],
                         "items": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
@@ -103,5 +112,6 @@ SEGMENT_RESPONSES = {
     413: doc("request body, image file or image pixels over the limits"),
     415: doc("Content-Type is not multipart/form-data or application/json, or the file is not a supported image"),
     422: doc("invalid field: bad boxes (non-finite, x2 <= x1, outside the image), too many boxes, bad options"),
+    404: doc("image_not_cached: the image_id is not (or no longer) cached on this server; send the image again"),
     **NOT_READY_503,
 }

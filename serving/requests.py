@@ -8,6 +8,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from typing import Any
 
 import anyio
@@ -17,10 +18,12 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from serving.errors import ApiError, validation_details, validation_message
-from serving.schemas import SegmentJSON, SegmentOptions
+from serving.schemas import IMAGE_ID_PATTERN, SegmentJSON, SegmentOptions
 from serving.settings import ServeSettings
 
-FORM_FIELDS = {"image", "boxes", "score_threshold", "max_instances", "mask_format"}
+IMAGE_ID_RE = re.compile(IMAGE_ID_PATTERN.strip("^$"))
+
+FORM_FIELDS = {"image", "image_id", "boxes", "score_threshold", "max_instances", "mask_format"}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -49,8 +52,10 @@ def _replay(body: bytes):
     return receive
 
 
-async def read_request(request: Request, settings: ServeSettings, limiter: anyio.CapacityLimiter) -> tuple[bytes, dict[str, Any]]:
-    """The image bytes and the other fields, from a multipart or JSON body."""
+async def read_request(request: Request, settings: ServeSettings, limiter: anyio.CapacityLimiter) -> tuple[bytes | None, dict[str, Any]]:
+    """The image bytes and the other fields, from a multipart or JSON body. The bytes are None
+    when the request names an earlier image by ``image_id`` (in the fields, checked by
+    :func:`image_id_field`) instead."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("multipart/form-data", "application/json"):
         raise ApiError(
@@ -67,13 +72,18 @@ async def read_request(request: Request, settings: ServeSettings, limiter: anyio
         if unknown:
             raise ApiError(422, "invalid_request", f"unknown form field(s) {unknown}; allowed: {sorted(FORM_FIELDS)}")
         part = form.get("image")
+        image_id = form.get("image_id")
+        if part is not None and image_id is not None:
+            raise ApiError(422, "invalid_request", "give either 'image' or 'image_id', not both")
+        if part is None and image_id is None:
+            raise ApiError(422, "missing_image", "the multipart form has no 'image' file field (nor an 'image_id')")
         if part is None:
-            raise ApiError(422, "missing_image", "the multipart form has no 'image' file field")
-        if isinstance(part, UploadFile):
+            data = None
+        elif isinstance(part, UploadFile):
             data = await part.read(settings.max_upload_bytes + 1)
         else:
             data = str(part).encode("utf-8")
-        if len(data) > settings.max_upload_bytes:
+        if data is not None and len(data) > settings.max_upload_bytes:
             raise ApiError(413, "payload_too_large", f"the image file is over the limit of {settings.max_upload_bytes} bytes")
         fields: dict[str, Any] = {}
         for key in FORM_FIELDS - {"image"}:
@@ -87,7 +97,7 @@ async def read_request(request: Request, settings: ServeSettings, limiter: anyio
         await form.close()
 
 
-def _parse_json(body: bytes, settings: ServeSettings) -> tuple[bytes, dict[str, Any]]:
+def _parse_json(body: bytes, settings: ServeSettings) -> tuple[bytes | None, dict[str, Any]]:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as err:
@@ -96,6 +106,16 @@ def _parse_json(body: bytes, settings: ServeSettings) -> tuple[bytes, dict[str, 
         req = SegmentJSON.model_validate(payload)
     except ValidationError as err:
         raise ApiError(422, "invalid_request", validation_message(err), details=validation_details(err)) from None
+    if (req.image is None) == (req.image_id is None):
+        message = (
+            "give either 'image' or 'image_id', not both" if req.image is not None else "the JSON body has no 'image' (nor an 'image_id')"
+        )
+        raise ApiError(422, "invalid_request" if req.image is not None else "missing_image", message)
+    fields = {k: v for k, v in req.model_dump(exclude={"image"}).items() if v is not None}
+    if req.boxes is not None:
+        fields["boxes"] = req.boxes
+    if req.image is None:
+        return None, fields
     text = req.image
     if text.startswith("data:"):
         text = text.split(",", 1)[1] if "," in text else ""
@@ -107,10 +127,15 @@ def _parse_json(body: bytes, settings: ServeSettings) -> tuple[bytes, dict[str, 
         raise ApiError(400, "invalid_base64", f"'image' is not valid base64: {err}") from None
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "payload_too_large", f"the image file is over the limit of {settings.max_upload_bytes} bytes")
-    fields = {k: v for k, v in req.model_dump(exclude={"image"}).items() if v is not None}
-    if req.boxes is not None:
-        fields["boxes"] = req.boxes
     return data, fields
+
+
+def image_id_field(value: Any) -> str:
+    """The image_id field: 64 lowercase hex digits (a response's ``image_id``)."""
+    text = str(value).strip()
+    if not IMAGE_ID_RE.fullmatch(text):
+        raise ApiError(422, "invalid_request", f"'image_id' must be the 64 hex digits of an earlier response's image_id, got {text[:80]!r}")
+    return text
 
 
 def segment_options(fields: dict[str, Any], query: dict[str, Any], settings: ServeSettings) -> SegmentOptions:

@@ -55,9 +55,18 @@ class ModelRef(BaseModel):
     runtime: Literal["pytorch", "onnxruntime", "tensorrt"]
 
 
+IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
+
+
 class SegmentResponse(BaseModel):
     width: int = Field(..., examples=[640])
     height: int = Field(..., examples=[480])
+    image_id: str = Field(
+        ...,
+        description="the image's content id (SHA-256 of its pixels): send it instead of the image for more boxes on the "
+        "same image while the server keeps its encoding (404 image_not_cached otherwise: send the image again)",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    )
     model: ModelRef
     mask_format: MaskFormatName
     instances: list[InstanceOut]
@@ -68,7 +77,8 @@ class SegmentJSON(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(..., description="the image file, base64 (a data: URL prefix is accepted)")
+    image: str | None = Field(None, description="the image file, base64 (a data: URL prefix is accepted); or give image_id")
+    image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN, description="instead of image: the image_id of an earlier response")
     boxes: list[list[float]] | None = Field(
         None, description="box prompts [[x1, y1, x2, y2], ...] in pixels: one instance per box, in order", examples=[[[10, 20, 200, 300]]]
     )

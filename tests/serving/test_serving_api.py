@@ -134,14 +134,19 @@ def _metric(text: str, name: str, **labels) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _prompted(checkpoint: Path, k: int):
+    """A fresh predictor, synthetic image k, two boxes, and the uncached answer for them."""
+    p = load_predictor(checkpoint)
+    im = synthetic_image(k)
+    boxes = [[5, 5, 50, 60], [40, 30, 90, 90]]
+    return p, im, boxes, p.predict([im], boxes=[np.asarray(boxes, np.float32)], use_cache=False)[0]
+
+
 def test_next_boxes_on_the_same_image_hit_the_cache(small_checkpoint):
     """The annotator's loop over HTTP: the first request encodes the image, later ones with new
     boxes (the same upload, or the same pixels in another file format) only run the prompt part;
     answers equal the uncached predictor's; /metrics counts hits, misses, bytes and skipped decodes."""
-    p = load_predictor(small_checkpoint)
-    im = synthetic_image(21)
-    boxes = [[5, 5, 50, 60], [40, 30, 90, 90]]
-    want = p.predict([im], boxes=[np.asarray(boxes, np.float32)], use_cache=False)[0]
+    p, im, boxes, want = _prompted(small_checkpoint, 21)
     with LocalServer(create_app(make_settings(), predictor=p)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         first = segment(c, im, boxes[:1])
         second = segment(c, im, boxes)  # the same PNG bytes: no decode, no hashing, no encoder run
@@ -252,6 +257,33 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) * 2 // 3]
 
 
+def test_next_boxes_by_image_id_without_uploading_the_image(small_checkpoint):
+    """Every response names its image (image_id = the pixel digest); a request that sends the
+    image_id instead of the image reuses the cached encoding and gives the uncached answer;
+    once the encoding is gone the server answers 404 image_not_cached, not 500."""
+    from serving.cache import image_digest
+
+    p, im, boxes, want = _prompted(small_checkpoint, 22)
+    with LocalServer(create_app(make_settings(), predictor=p)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        first = segment(c, im, boxes[:1])
+        image_id = first.json()["image_id"]
+        assert image_id == image_digest(im)
+        by_form = c.post("/v1/segment", files={"image_id": (None, image_id)}, data={"boxes": json.dumps(boxes)})
+        by_json = c.post("/v1/segment", json={"image_id": image_id, "boxes": boxes})
+        for r in (by_form, by_json):
+            assert r.status_code == 200 and r.headers["x-cache"] == "hit", r.text
+            body = r.json()
+            assert (body["width"], body["height"], body["image_id"]) == (im.shape[1], im.shape[0], image_id)
+            for g, w in zip(body["instances"], want, strict=True):
+                assert g["mask_score"] == w.mask_score and np.array_equal(decode_rle(g["mask"]), w.mask)
+        automatic = c.post("/v1/segment", json={"image_id": image_id, "max_instances": 3})
+        assert automatic.status_code == 200 and len(automatic.json()["instances"]) == 3
+        p.cache.clear()  # evicted (or another model): the client is told to send the image again
+        gone = c.post("/v1/segment", json={"image_id": image_id, "boxes": boxes})
+        assert gone.status_code == 404 and gone.json()["error"] == "image_not_cached" and "send the image again" in gone.json()["message"]
+        assert segment(c, im, boxes).json()["image_id"] == image_id  # sent again: cached again
+
+
 BAD_REQUESTS = {
     "truncated_jpeg": (lambda: {"files": {"image": ("a.jpg", _truncated_jpeg(), "image/jpeg")}}, 400, "corrupt_image"),
     "zero_bytes": (lambda: {"files": {"image": ("a.png", b"", "image/png")}}, 400, "empty_image"),
@@ -297,6 +329,16 @@ BAD_REQUESTS = {
     "no_image_field": (lambda: {"data": {"boxes": "[]"}, "files": {"boxes2": ("x", b"1")}}, 422, "invalid_request"),
     "bad_threshold": (lambda: {"files": {"image": ("a.png", encode(GOOD))}, "data": {"score_threshold": "2.5"}}, 422, "invalid_request"),
     "bad_query": (lambda: {"files": {"image": ("a.png", encode(GOOD))}, "params": {"mask_format": "jpeg"}}, 422, "invalid_request"),
+    "image_and_image_id": (
+        lambda: {"files": {"image": ("a.png", encode(GOOD)), "image_id": (None, "0" * 64)}},
+        422,
+        "invalid_request",
+    ),
+    "malformed_image_id": (lambda: {"files": {"image_id": (None, "../../etc/passwd")}}, 422, "invalid_request"),
+    "malformed_image_id_json": (lambda: {"json": {"image_id": "ABC"}}, 422, "invalid_request"),
+    "unknown_image_id": (lambda: {"files": {"image_id": (None, "0" * 64)}, "data": {"boxes": "[[1, 1, 9, 9]]"}}, 404, "image_not_cached"),
+    "unknown_image_id_json": (lambda: {"json": {"image_id": "f" * 64}}, 404, "image_not_cached"),
+    "json_without_image": (lambda: {"json": {"boxes": [[1, 1, 9, 9]]}}, 422, "missing_image"),
     "multipart_without_boundary": (lambda: {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400, None),
 }
 

@@ -19,3 +19,21 @@ def test_serve_benchmark_runs(tmp_path):
     assert result["http_overhead_c1"] is not None and result["batching_gain"] is not None
     table = format_markdown(result)
     assert "| HTTP, max_batch_size=2 | 2 |" in table and "HTTP overhead at concurrency 1" in table
+
+
+def test_prompt_latency_runs_every_path(tmp_path):
+    """``--prompts`` end to end, one small image: in process with the cache on and off, and
+    through the server uploading every box's image or naming it by image_id."""
+    from serving.benchmark import format_prompt_markdown, prompt_latency
+
+    ckpt = write_checkpoint(tmp_path / "tiny.pth", tiny_config(overrides=["input.min_size_test=64", "input.max_size_test=96"]))
+    result = prompt_latency(ckpt, [(60, 80)], num_images=1, boxes_per_image=3)
+    paths = [(r["path"], r["cache"]) for r in result["rows"]]
+    assert paths == [
+        ("in process", "on"),
+        ("in process", "off"),
+        ("POST /v1/segment", "on"),
+        ("POST /v1/segment, next boxes by image_id", "on"),
+    ]
+    assert all(r["image"] == "80x60" and r["first_box"]["n"] == 1 and r["next_boxes"]["n"] == 2 for r in result["rows"])
+    assert "| POST /v1/segment, next boxes by image_id | on | 80x60 |" in format_prompt_markdown(result)
