@@ -317,8 +317,7 @@ class ImageFetcher:
         once per cached image (interactive requests: the encoding cache's key without hashing
         the pixels at every box)."""
         image, key = self._load(value, task_id)
-        digest = self.cache.digest(key, image) if key is not None else image_digest(image)
-        return ImageRef(digest, (int(image.shape[0]), int(image.shape[1])), lambda: image)
+        return ImageRef.of(image, self.cache.digest(key, image) if key is not None else image_digest(image))
 
     def _load(self, value: object, task_id: int | None) -> tuple[np.ndarray, str | None]:
         """The image and its cache key (None: a data: URL, not cached)."""
@@ -335,6 +334,7 @@ class ImageFetcher:
         url = self._resolve(value, task_id)
         return self._cached(url, lambda: self._download(url)), url
 
+    # ---- resolution ----------------------------------------------------------------------
     def _resolve(self, value: str, task_id: int | None) -> str:
         """Task value -> an absolute http(s) URL that passes the allowlist."""
         scheme = urlsplit(value).scheme.lower()

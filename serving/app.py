@@ -34,14 +34,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batching import MicroBatcher, QueueFull
-from serving.cache import EncodingCache, image_digest
+from serving.cache import EncodingCache
 from serving.errors import ApiError, error_response, validation_details, validation_message
 from serving.images import ImageError, decode_image
 from serving.masks import encode_mask, polygon_available
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.openapi import AUTH_401, SEGMENT_DESCRIPTION, SEGMENT_REQUEST_BODY, SEGMENT_RESPONSES, doc
 from serving.prompting import validate_boxes
-from serving.requests import image_id_field, parse_boxes, read_request, segment_options
+from serving.requests import parse_boxes, read_request, segment_options
 from serving.runtime import ImageRef, Instance, Predictor, load_predictor
 from serving.schemas import Health, MaskFormatName, ModelInfo, Ready, SegmentResponse
 from serving.settings import ServeSettings
@@ -248,7 +248,7 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
             t_decode = time.perf_counter()
             p: Predictor = st.predictor
             if data is None:
-                image, cached = _known_image(image_id_field(fields["image_id"]), p, st.images), True
+                image, cached = _known_image(fields["image_id"], p, st.images), True
                 metrics.decodes.labels("skipped").inc()
             else:
                 try:
@@ -270,7 +270,7 @@ def create_app(settings: ServeSettings | None = None, predictor: Predictor | Non
         try:
             result = await st.batcher.submit(SegmentJob(image, boxes, opts.score_threshold, opts.max_instances))
         except ImageNotCached as err:  # evicted between the check and the inference
-            raise ApiError(404, "image_not_cached", str(err)) from None
+            raise err.api_error() from None
         except QueueFull as err:
             raise ApiError(
                 503, "queue_full", f"the server is busy: {err}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -331,7 +331,7 @@ def _image_ref(
             return ref, True
     image = decode_image(data, max_pixels)
     metrics.decodes.labels("decoded").inc()
-    ref = ImageRef(image_digest(image), (int(image.shape[0]), int(image.shape[1])), lambda: image)
+    ref = ImageRef.of(image)
     uploads.put(upload, (ref.digest, ref.hw))
     return ref, predictor.cache_key(ref) in predictor.cache
 
@@ -339,23 +339,28 @@ def _image_ref(
 class ImageNotCached(LookupError):
     """A request named an image by ``image_id`` whose encoding the server does not have."""
 
+    def __init__(self, image_id: str):
+        super().__init__(
+            f"image_id {image_id[:12]}... is not cached on this server (never sent, evicted, or the server restarted "
+            "or changed model); send the image again"
+        )
+
+    def api_error(self) -> ApiError:
+        return ApiError(404, "image_not_cached", str(self))
+
 
 def _known_image(image_id: str, predictor: Predictor, images: EncodingCache) -> ImageRef:
     """The image an earlier response named ``image_id``, as an :class:`ImageRef` without
-    pixels: its encoding must be in the predictor's cache (404 image_not_cached otherwise)."""
+    pixels (``load`` raises :class:`ImageNotCached`): its encoding must be in the predictor's
+    cache (404 image_not_cached otherwise)."""
 
     def gone() -> np.ndarray:
-        raise ImageNotCached(f"image_id {image_id[:12]}... is no longer cached on this server; send the image again")
+        raise ImageNotCached(image_id)
 
     hw = images.get(image_id)
-    ref = ImageRef(image_id, hw or (0, 0), gone)
-    if hw is None or predictor.cache_key(ref) not in predictor.cache:
-        raise ApiError(
-            404,
-            "image_not_cached",
-            f"image_id {image_id[:12]}... is not cached on this server (never sent, evicted, or the server restarted "
-            "or changed model); send the image again",
-        )
+    ref = ImageRef(image_id, hw, gone) if hw is not None else None
+    if ref is None or predictor.cache_key(ref) not in predictor.cache:
+        raise ImageNotCached(image_id).api_error()
     return ref
 
 

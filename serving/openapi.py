@@ -109,9 +109,9 @@ SEGMENT_RESPONSES = {
     },
     400: doc("corrupt or truncated image, empty file, bad base64, malformed JSON or multipart"),
     **AUTH_401,
+    404: doc("image_not_cached: the image_id is not (or no longer) cached on this server; send the image again"),
     413: doc("request body, image file or image pixels over the limits"),
     415: doc("Content-Type is not multipart/form-data or application/json, or the file is not a supported image"),
     422: doc("invalid field: bad boxes (non-finite, x2 <= x1, outside the image), too many boxes, bad options"),
-    404: doc("image_not_cached: the image_id is not (or no longer) cached on this server; send the image again"),
     **NOT_READY_503,
 }

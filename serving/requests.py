@@ -54,8 +54,8 @@ def _replay(body: bytes):
 
 async def read_request(request: Request, settings: ServeSettings, limiter: anyio.CapacityLimiter) -> tuple[bytes | None, dict[str, Any]]:
     """The image bytes and the other fields, from a multipart or JSON body. The bytes are None
-    when the request names an earlier image by ``image_id`` (in the fields, checked by
-    :func:`image_id_field`) instead."""
+    when the request names an earlier image by ``image_id`` instead (then in the fields,
+    checked: 64 hex digits)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("multipart/form-data", "application/json"):
         raise ApiError(
@@ -92,6 +92,8 @@ async def read_request(request: Request, settings: ServeSettings, limiter: anyio
                 value = (await value.read(256 * 1024)).decode("utf-8", errors="replace")
             if value is not None and value != "":
                 fields[key] = value
+        if data is None:
+            fields["image_id"] = _image_id(fields.get("image_id", ""))
         return data, fields
     finally:
         await form.close()
@@ -130,7 +132,7 @@ def _parse_json(body: bytes, settings: ServeSettings) -> tuple[bytes | None, dic
     return data, fields
 
 
-def image_id_field(value: Any) -> str:
+def _image_id(value: Any) -> str:
     """The image_id field: 64 lowercase hex digits (a response's ``image_id``)."""
     text = str(value).strip()
     if not IMAGE_ID_RE.fullmatch(text):

@@ -87,6 +87,11 @@ class ImageRef:
     hw: tuple[int, int]
     load: Callable[[], np.ndarray]
 
+    @classmethod
+    def of(cls, image: np.ndarray, digest: str | None = None) -> ImageRef:
+        """Pixels in hand: their digest (computed unless given), their size, and the pixels."""
+        return cls(digest or image_digest(image), (int(image.shape[0]), int(image.shape[1])), lambda: image)
+
 
 PerImage = float | int | None | Sequence[float | int | None]
 
