@@ -334,6 +334,7 @@ BAD_REQUESTS = {
         422,
         "invalid_request",
     ),
+    "empty_image_id": (lambda: {"files": {"image_id": (None, "")}, "data": {"boxes": "[[1, 1, 9, 9]]"}}, 422, "invalid_request"),
     "malformed_image_id": (lambda: {"files": {"image_id": (None, "../../etc/passwd")}}, 422, "invalid_request"),
     "malformed_image_id_json": (lambda: {"json": {"image_id": "ABC"}}, 422, "invalid_request"),
     "unknown_image_id": (lambda: {"files": {"image_id": (None, "0" * 64)}, "data": {"boxes": "[[1, 1, 9, 9]]"}}, 404, "image_not_cached"),
