@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 
-from training.benchmark import collapse_warning, format_quality_table, load_variants, summarize_rows
+from training.benchmark import (
+    cmd_quality,
+    collapse_warning,
+    format_quality_table,
+    load_variants,
+    quality_jobs,
+    summarize_rows,
+    threads_per_job,
+)
 
 
 def _row(method, seed, segm, variant="", collapse=None, outside=0.05):
@@ -46,3 +55,46 @@ def test_collapse_warning_read_from_the_log(tmp_path):
         json.dumps({"iteration": 20, "loss": 1.0}) + "\n" + json.dumps({"iteration": 40, "warning": "mask head collapse"}) + "\n"
     )
     assert collapse_warning(tmp_path) == "mask head collapse"
+
+
+def _quality_args(tmp_path, jobs, seeds=2, methods="condinst,boxinst"):
+    return argparse.Namespace(
+        data="unused", config="unused", output=str(tmp_path), methods=methods, device="cpu",
+        seeds=seeds, variants=None, jobs=jobs, overrides=["solver.max_iter=5"],
+    )  # fmt: skip
+
+
+def test_threads_per_job_shares_the_cpus():
+    assert threads_per_job(1, cpus=2) == 2
+    assert threads_per_job(2, cpus=2) == 1
+    assert threads_per_job(3, cpus=2) == 1  # never 0
+    assert threads_per_job(2, cpus=16) == 8
+    assert threads_per_job(3, cpus=16) == 5
+
+
+def test_quality_jobs_in_table_order(tmp_path):
+    jobs = quality_jobs(_quality_args(tmp_path, jobs=1))
+    assert [(m, d.name) for _, m, _, d in jobs] == [
+        ("condinst", "condinst-seed0"), ("condinst", "condinst-seed1"), ("boxinst", "boxinst-seed0"), ("boxinst", "boxinst-seed1"),
+    ]  # fmt: skip
+    assert jobs[3][2] == ["solver.max_iter=5", "train.seed=1"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_parallel_runs_give_the_table_in_order(tmp_path, jobs):
+    """--jobs 2 runs each (method, seed) in a worker process; the finished runs (row.json)
+    are read back there, so the rows and the table are the same as with --jobs 1."""
+    args = _quality_args(tmp_path, jobs)
+    for _, method, _, run_dir in quality_jobs(args):
+        run_dir.mkdir()
+        seed = int(run_dir.name[-1])
+        (run_dir / "row.json").write_text(json.dumps({k: v for k, v in _row(method, seed, 10.0 + seed).items() if k != "variant"}))
+    assert cmd_quality(args) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("condinst", 0), ("condinst", 1), ("boxinst", 0), ("boxinst", 1)]
+    assert "| condinst | 2 | 10.5 (10.0-11.0) |" in (tmp_path / "quality.md").read_text()
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--jobs"):
+        cmd_quality(_quality_args(tmp_path, jobs=0))
