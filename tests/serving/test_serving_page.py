@@ -56,6 +56,12 @@ def test_upload_segment_and_draw_a_box(server, page):
 
     page.goto(server.url + "/")
     assert "boxteacher" in page.title()
+    # record the form fields of every request the page sends
+    page.evaluate(
+        """() => { const send = window.fetch; window.sent = [];
+                   window.fetch = (url, opts) => { window.sent.push([...opts.body.entries()].map(([k, v]) => [k, String(v)]));
+                                                   return send(url, opts); }; }"""
+    )
     page.set_input_files("#file", files=[{"name": "shapes.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
     page.wait_for_function("() => !document.getElementById('segment').disabled")
     page.fill("#threshold", "0")
@@ -95,4 +101,17 @@ def test_upload_segment_and_draw_a_box(server, page):
     x1, y1, x2, y2 = inst["box"]
     assert (x1, y1) == pytest.approx((10, 12), abs=1.5) and (x2, y2) == pytest.approx((60, 50), abs=1.5)
     assert inst["source"] in ("matched", "prompt")
+    # the box went with the image_id of the first answer, not the file again
+    image_id = page.evaluate("() => state.imageId")
+    sent = page.evaluate("() => window.sent")
+    assert len(image_id) == 64 and [[k for k, _ in fields] for fields in sent] == [["image"], ["image_id", "boxes"]]
+    assert sent[1][0][1] == image_id
+
+    # an image_id the server does not hold (404 image_not_cached): the page uploads the file again
+    page.evaluate("() => { state.imageId = '0'.repeat(64); state.result = null; }")
+    page.click("#segment")
+    page.wait_for_function(f"() => state.imageId === '{image_id}' && state.result !== null", timeout=30000)
+    sent = page.evaluate("() => window.sent")
+    assert sent[2] == [["image_id", "0" * 64], sent[1][1]] and [k for k, _ in sent[3]] == ["image", "boxes"]
+    assert "instance(s)" in page.inner_text("#status")
     assert errors == []
