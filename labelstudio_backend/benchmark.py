@@ -117,21 +117,24 @@ def _grabcut(image: np.ndarray, box, iterations: int = 5) -> np.ndarray:
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
+PROMPTED = "the model, box-prompted"  # whatever it was trained with (boxteacher, boxinst or condinst)
+
+
 def quality(model: str, data: Path, device: str = "cpu", limit: int | None = None) -> dict:
     """Mean IoU with the true masks of box-prompted masks, filled boxes and GrabCut."""
     from serving.runtime import load_predictor
 
     predictor = load_predictor(model, device)
-    ious: dict[str, list[float]] = {"boxteacher (box-prompted)": [], "filled box": [], "GrabCut (5 it.)": []}
+    ious: dict[str, list[float]] = {PROMPTED: [], "filled box": [], "GrabCut (5 it.)": []}
     seconds: dict[str, float] = dict.fromkeys(ious, 0.0)
     samples = load_val(data, limit=limit)
     for image, boxes, masks in samples:
         h, w = image.shape[:2]
         t = time.perf_counter()
         instances = predictor.predict([image], boxes=[boxes])[0]
-        seconds["boxteacher (box-prompted)"] += time.perf_counter() - t
+        seconds[PROMPTED] += time.perf_counter() - t
         for k, inst in enumerate(instances):
-            ious["boxteacher (box-prompted)"].append(_iou(inst.mask, masks[k]))
+            ious[PROMPTED].append(_iou(inst.mask, masks[k]))
             t = time.perf_counter()
             ious["filled box"].append(_iou(_filled(boxes[k], h, w), masks[k]))
             seconds["filled box"] += time.perf_counter() - t
