@@ -4,6 +4,11 @@ The pixel count is checked from the header, before any pixel is decoded, so a sm
 file that declares a huge image (a decompression bomb) is refused cheaply. EXIF
 orientation is applied; grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit
 images become 8-bit RGB the same way as training's ``load_image``.
+
+The common upload, an 8-bit RGB PNG without EXIF, is decoded by libspng (``pyspng``, in the
+``serve`` extra) when it is installed: the same pixels as Pillow's decoder in about half the
+time (measured: 6.3-6.8 vs 11.1-14.6 ms for a 559x536 photo on this 2-core CPU). Every other
+image, and any PNG libspng refuses, goes through Pillow.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import pyspng
+except ImportError:  # optional: Pillow decodes everything without it
+    pyspng = None
 
 # Decoders we accept; Pillow never tries the others on untrusted bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
@@ -73,6 +83,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise CorruptImage(f"the image has no pixels ({w}x{h})")
         if w * h > max_pixels:
             raise ImageTooLarge(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+        fast = _decode_plain_png(data, pil)
+        if fast is not None:
+            return fast
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -83,6 +96,23 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise ImageTooLarge(f"the image has more pixels than the limit of {max_pixels}: {err}") from None
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as err:
             raise CorruptImage(f"the image data is truncated or corrupt ({pil.format}): {err}") from None
+
+
+def _decode_plain_png(data: bytes, pil: Image.Image) -> np.ndarray | None:
+    """An 8-bit RGB PNG without EXIF decoded by libspng, or None: not such a PNG (Pillow then
+    handles modes, 16 bits, transparency and orientation), pyspng not installed, or data
+    libspng refuses (Pillow then decodes it or names what is corrupt). Any ``eXIf`` in the
+    bytes, even inside compressed data, sends the image to Pillow."""
+    if pyspng is None or pil.format != "PNG" or pil.mode != "RGB" or b"eXIf" in data:
+        return None
+    try:
+        pixels = pyspng.load(data)
+    except Exception:  # noqa: BLE001 - libspng's errors are RuntimeError/ValueError; Pillow reports them
+        return None
+    w, h = pil.size
+    if pixels.dtype != np.uint8 or pixels.shape != (h, w, 3):  # 16-bit, or tRNS expanded to RGBA
+        return None
+    return pixels
 
 
 def _to_rgb(pil: Image.Image) -> np.ndarray:

@@ -257,6 +257,36 @@ def test_decode_image_modes_and_exif():
     assert decode_image(buf.getvalue(), 10**6).shape == (60, 40, 3)
 
 
+def test_decode_image_plain_png_fast_path_equals_pillow(monkeypatch):
+    """libspng decodes plain 8-bit RGB PNGs (and only those); every upload gives the pixels
+    Pillow gives, with or without pyspng installed."""
+    import serving.images as images
+
+    pytest.importorskip("pyspng")
+    rgb = image(11, 50, 70)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", exif=exif)
+    rotated = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", transparency=(0, 0, 0))
+    keyed = buf.getvalue()
+    uploads = {"rgb": _png(rgb), "gray": _png(rgb, "L"), "rgba": _png(rgb, "RGBA"), "palette": _png(rgb, "P"), "exif": rotated, "trns": keyed}
+    calls: list[int] = []
+    real = images.pyspng.load
+    monkeypatch.setattr(images.pyspng, "load", lambda data: calls.append(len(data)) or real(data))
+    fast = {name: decode_image(data, 10**6) for name, data in uploads.items()}
+    assert calls[0] == len(uploads["rgb"]) and len(uploads["exif"]) not in calls  # EXIF: Pillow rotates
+    assert fast["exif"].shape == (70, 50, 3)
+    monkeypatch.setattr(images, "pyspng", None)
+    for name, data in uploads.items():
+        slow = decode_image(data, 10**6)
+        assert fast[name].dtype == np.uint8 and fast[name].flags.writeable, name
+        assert np.array_equal(fast[name], slow), name
+    assert np.array_equal(fast["rgb"], rgb)
+
+
 def test_decode_image_errors():
     with pytest.raises(EmptyImage):
         decode_image(b"", 10**6)
