@@ -272,7 +272,14 @@ def test_decode_image_plain_png_fast_path_equals_pillow(monkeypatch):
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", transparency=(0, 0, 0))
     keyed = buf.getvalue()
-    uploads = {"rgb": _png(rgb), "gray": _png(rgb, "L"), "rgba": _png(rgb, "RGBA"), "palette": _png(rgb, "P"), "exif": rotated, "trns": keyed}
+    uploads = {
+        "rgb": _png(rgb),
+        "gray": _png(rgb, "L"),
+        "rgba": _png(rgb, "RGBA"),
+        "palette": _png(rgb, "P"),
+        "exif": rotated,
+        "trns": keyed,
+    }
     calls: list[int] = []
     real = images.pyspng.load
     monkeypatch.setattr(images.pyspng, "load", lambda data: calls.append(len(data)) or real(data))
