@@ -233,10 +233,10 @@ def test_load_predictor_by_suffix(tmp_path):
 
 
 # ---- decoding uploads ----------------------------------------------------------------------------------
-def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+def _png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
     buf = io.BytesIO()
     pil = Image.fromarray(arr)
-    (pil.convert(mode) if mode else pil).save(buf, format="PNG")
+    (pil.convert(mode) if mode else pil).save(buf, format="PNG", **save)
     return buf.getvalue()
 
 
@@ -266,19 +266,13 @@ def test_decode_image_plain_png_fast_path_equals_pillow(monkeypatch):
     rgb = image(11, 50, 70)
     exif = Image.Exif()
     exif[0x0112] = 8
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", exif=exif)
-    rotated = buf.getvalue()
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", transparency=(0, 0, 0))
-    keyed = buf.getvalue()
     uploads = {
         "rgb": _png(rgb),
         "gray": _png(rgb, "L"),
         "rgba": _png(rgb, "RGBA"),
         "palette": _png(rgb, "P"),
-        "exif": rotated,
-        "trns": keyed,
+        "exif": _png(rgb, exif=exif),
+        "trns": _png(rgb, transparency=(0, 0, 0)),
     }
     calls: list[int] = []
     real = images.pyspng.load
