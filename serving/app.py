@@ -411,7 +411,7 @@ def _response_json(p: Predictor, image: ImageRef, instances: list[Instance], mas
                 "mask_score": _finite(inst.mask_score),
                 "area": inst.area,
                 "source": inst.source,
-                "mask": encode_mask(inst.mask, mask_format),
+                "mask": encode_mask(inst.mask, mask_format, inst.window),
             }
             for inst in instances
         ],

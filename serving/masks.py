@@ -27,8 +27,9 @@ class MaskFormat(str, Enum):
     none = "none"
 
 
-def encode_rle(mask: np.ndarray) -> dict:
+def encode_rle(mask: np.ndarray, window: tuple[int, int, int, int] | None = None) -> dict:
     """(H, W) bool (or nonzero = inside) -> {"size": [H, W], "counts": str} (COCO compressed RLE).
+    ``window`` (x0, y0, x1, y1), when given, holds every True pixel: only it is scanned.
 
     Byte for byte what ``pycocotools.mask.encode`` gives for the full mask. A mask whose
     bounding crop is small next to the image (a box-prompted mask on a 1920x1080 image) is
@@ -41,7 +42,7 @@ def encode_rle(mask: np.ndarray) -> dict:
 
     h, w = (int(v) for v in mask.shape)
     binary = mask if mask.dtype == bool else mask > 0
-    crop = bounding_crop(binary)
+    crop = bounding_crop(binary, window)
     if crop is not None and (crop[1] - crop[0]) * (crop[3] - crop[2]) > CROP_FRACTION * h * w:
         rle = mask_utils.encode(np.asfortranarray(binary, dtype=np.uint8))
         return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
@@ -53,13 +54,17 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
 
 
-def bounding_crop(binary: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(r0, r1, c0, c1) of the smallest crop holding every True pixel; None when there is none."""
+def bounding_crop(binary: np.ndarray, window: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int] | None:
+    """(r0, r1, c0, c1) of the smallest crop holding every True pixel; None when there is none.
+    ``window`` (x0, y0, x1, y1), when given, is known to hold them all: only it is scanned."""
+    x0, y0 = (0, 0) if window is None else (max(int(window[0]), 0), max(int(window[1]), 0))
+    if window is not None:
+        binary = binary[y0 : int(window[3]), x0 : int(window[2])]
     rows = np.flatnonzero(binary.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return y0 + int(rows[0]), y0 + int(rows[-1]) + 1, x0 + int(cols[0]), x0 + int(cols[-1]) + 1
 
 
 def alternating_run_lengths(binary: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -118,11 +123,11 @@ def encode_png(mask: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def encode_mask(mask: np.ndarray, fmt: MaskFormat | str):
-    """Encode one mask in ``fmt``; None for ``none``."""
+def encode_mask(mask: np.ndarray, fmt: MaskFormat | str, window: tuple[int, int, int, int] | None = None):
+    """Encode one mask in ``fmt``; None for ``none``. ``window``: see :func:`encode_rle`."""
     fmt = MaskFormat(fmt)
     if fmt is MaskFormat.rle:
-        return encode_rle(mask)
+        return encode_rle(mask, window)
     if fmt is MaskFormat.polygon:
         return encode_polygon(mask)
     if fmt is MaskFormat.png:

@@ -37,7 +37,8 @@ from torchvision.ops import nms
 
 from serving.cache import EncodingCache, image_digest
 from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, validate_boxes
-from training.model.processing import InputSpec, batch_to_spec, paste_masks, resize_to_spec, scale_boxes
+from training.model.boxes import box_pixel_bounds
+from training.model.processing import InputSpec, batch_to_spec, paste_mask_in_box, paste_windows, resize_to_spec, scale_boxes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class Instance:
     mask_score: mask-aware score sqrt(det_score * mean confident mask probability)
     (BoxTeacher's ranking / mask-quality score; over the box for a box prompt);
     mask: (H, W) bool; source: "detection", "matched" (a box matched to a detection
-    by Algorithm 1) or "prompt" (a box without a match: mask head at the box centre).
+    by Algorithm 1) or "prompt" (a box without a match: mask head at the box centre);
+    window: (x0, y0, x1, y1) integer pixels (x1 / y1 exclusive) outside which the mask is
+    all False, or None when unknown: the mask encoders and ``area`` look only there.
     """
 
     box: np.ndarray
@@ -68,11 +71,20 @@ class Instance:
     mask_score: float
     mask: np.ndarray
     source: str = SOURCE_DETECTION
+    window: tuple[int, int, int, int] | None = None
 
     @property
     def area(self) -> int:
         """Mask area in pixels."""
-        return int(np.count_nonzero(self.mask))
+        return int(np.count_nonzero(window_of(self.mask, self.window)))
+
+
+def window_of(mask: np.ndarray, window: tuple[int, int, int, int] | None) -> np.ndarray:
+    """The part of ``mask`` inside ``window`` (x0, y0, x1, y1); the whole mask when None."""
+    if window is None:
+        return mask
+    x0, y0, x1, y1 = window
+    return mask[y0:y1, x0:x1]
 
 
 @dataclass(frozen=True)
@@ -288,7 +300,11 @@ class Predictor(ABC):
             pm = box_prompted_masks(torch.from_numpy(boxes), enc, prompt, output_hw, self.mask_threshold, self.mask_stride)
             masks = pm.masks.cpu().numpy()
             labels, det, scores = pm.labels.tolist(), pm.det_scores.tolist(), pm.mask_scores.tolist()
-            return [self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k]) for k in range(boxes.shape[0])]
+            windows = box_pixel_bounds(torch.from_numpy(boxes), *output_hw).tolist()  # each mask is clipped to its box
+            return [
+                self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k], tuple(windows[k]))
+                for k in range(boxes.shape[0])
+            ]
 
         det_boxes = scale_boxes(enc.boxes.float(), enc.input_hw, output_hw)
         order = torch.argsort(enc.scores.float(), descending=True, stable=True)
@@ -302,25 +318,26 @@ class Predictor(ABC):
         if max_instances is not None:
             order = order[: max(int(max_instances), 0)]
         h, w = output_hw
+        probs_s4 = enc.mask_probs[order].float()
+        # Each mask is pasted only on the window it can cover (paste_windows: found on the
+        # stride-4 map), not on the whole image: the same pixels, at the cost of the windows.
+        windows = paste_windows(probs_s4, self.mask_threshold, enc.input_hw, output_hw, self.mask_stride).tolist()
         masks = np.zeros((len(order), h, w), dtype=bool)
-        for sl in chunk_slices(len(order), h * w):
-            probs = paste_masks(enc.mask_probs[order[sl]].float(), enc.input_hw, output_hw, self.mask_stride)
-            masks[sl] = (probs > self.mask_threshold).cpu().numpy()
+        for k, (x0, y0, x1, y1) in enumerate(windows):
+            if x1 > x0:
+                probs = paste_mask_in_box(probs_s4[k], (x0, y0, x1, y1), enc.input_hw, output_hw, self.mask_stride)
+                masks[k, y0:y1, x0:x1] = (probs > self.mask_threshold).cpu().numpy()
         boxes_np = det_boxes[order].cpu().numpy()
         labels, det, scores = enc.labels[order].tolist(), enc.det_scores[order].tolist(), enc.scores[order].tolist()
-        return [self._instance(boxes_np[k], labels[k], det[k], scores[k], masks[k], SOURCE_DETECTION) for k in range(len(order))]
+        return [
+            self._instance(boxes_np[k], labels[k], det[k], scores[k], masks[k], SOURCE_DETECTION, tuple(windows[k]))
+            for k in range(len(order))
+        ]
 
-    def _instance(self, box, label: int, det: float, score: float, mask: np.ndarray, source: str) -> Instance:
+    def _instance(self, box, label: int, det: float, score: float, mask: np.ndarray, source: str, window) -> Instance:
         label = int(label)
         name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
-        return Instance(np.asarray(box, dtype=np.float32).copy(), label, name, float(det), float(score), mask, source)
-
-
-def chunk_slices(num: int, pixels_per_item: int, max_floats: int = 32 * 1024 * 1024) -> list[slice]:
-    """Slices over ``num`` items so that one chunk of full-size float masks stays
-    under ``max_floats`` values (128 MiB of float32): bounds the memory of pasting."""
-    step = max(1, max_floats // max(pixels_per_item, 1))
-    return [slice(i, min(i + step, num)) for i in range(0, num, step)]
+        return Instance(np.asarray(box, dtype=np.float32).copy(), label, name, float(det), float(score), mask, source, window)
 
 
 def _check_image(image, index: int) -> np.ndarray:

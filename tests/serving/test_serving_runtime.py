@@ -63,6 +63,10 @@ def test_instances_in_original_pixels_sorted_by_mask_score(predictor):
         assert inst.label_name == predictor.class_names[inst.label] and inst.source == "detection"
         assert 0 <= inst.det_score <= 1 and 0 <= inst.mask_score <= 1
         assert inst.area == inst.mask.sum()
+        x0, y0, x1, y1 = inst.window  # the window the predictor pasted the mask on holds all of it
+        outside = inst.mask.copy()
+        outside[y0:y1, x0:x1] = False
+        assert not outside.any() and (x1 - x0) * (y1 - y0) >= inst.area
     scores = [i.mask_score for i in out]
     assert scores == sorted(scores, reverse=True)
     # the model's own post-processing, through CondInst.predict, gives the same instances
@@ -173,6 +177,8 @@ def test_box_prompts(predictor):
         outside = ~box_pixel_masks(torch.tensor(inst.box[None]), 96, 96)[0].numpy()
         assert not inst.mask[outside].any()
         assert 0 <= inst.mask_score <= 1
+        x0, y0, x1, y1 = inst.window  # the box's pixels
+        assert not outside[y0:y1, x0:x1].any() and (x1 - x0) * (y1 - y0) == (~outside).sum()
     # the matched mask is the detection's mask clipped to the box (pasted on the box alone:
     # the same probabilities up to float rounding, so a pixel at the threshold may differ)
     inside = box_pixel_masks(torch.tensor(dets[0].box[None]), 96, 96)[0].numpy()
@@ -378,4 +384,12 @@ def test_crop_rle_equals_pycocotools_on_the_full_mask(monkeypatch, crop_fraction
         cases.append(m)
     for m in cases:
         assert encode_rle(m) == reference(m), m.astype(int)
+        # a window known to hold every True pixel (Instance.window) gives the same counts
+        h, w = m.shape
+        ys, xs = np.nonzero(m)
+        if len(ys):
+            x0, y0 = rng.integers(0, xs.min() + 1), rng.integers(0, ys.min() + 1)
+            x1, y1 = rng.integers(xs.max() + 1, w + 1), rng.integers(ys.max() + 1, h + 1)
+            assert encode_rle(m, (int(x0), int(y0), int(x1), int(y1))) == reference(m), (x0, y0, x1, y1)
+        assert encode_rle(m, (0, 0, w, h)) == reference(m)
     assert encode_rle(np.array([[0, 2], [0, 0]], np.uint8)) == reference(np.array([[0, 1], [0, 0]], bool))  # nonzero = inside

@@ -20,7 +20,15 @@ from training.model.fcos import (
     non_max_suppression,
 )
 from training.model.mask_head import aligned_bilinear, dynamic_param_count, relative_coordinates, run_dynamic_head, split_dynamic_params
-from training.model.processing import normalize_and_pad, paste_mask_in_box, paste_masks, paste_taps, resized_size, scale_boxes
+from training.model.processing import (
+    normalize_and_pad,
+    paste_mask_in_box,
+    paste_masks,
+    paste_matrix,
+    paste_windows,
+    resized_size,
+    scale_boxes,
+)
 
 
 def test_locations_and_size_ranges():
@@ -181,12 +189,46 @@ def test_paste_masks_back_and_scale_boxes():
     assert boxes.tolist() == [[20.0, 10.0, 56.0, 58.0]]  # x2 clipped to the width 56
 
 
-def test_paste_taps_by_hand():
+def test_paste_matrix_by_hand():
     # stride 2, two cells, no resize: aligned_bilinear of an impulse at cell 0 is [1, 1, .5, 0]
     # (pad right, align_corners to 5: [1, .5, 0, 0, 0]; pad left 1: [1, 1, .5, 0, 0, 0]; crop 4)
-    index, weight = paste_taps(2, 2, 4, 4)
-    matrix = torch.zeros(4, 2).scatter_add_(1, index, weight)
+    matrix, first, last = paste_matrix(2, 2, 4, 4)
     assert matrix.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    assert first.tolist() == [0, 0, 0, 1] and last.tolist() == [0, 0, 1, 1]
+    # bilinear 4 -> 2 (align_corners=False): output pixel i reads input 2i + 0.5, i.e. halves of 2i and 2i+1
+    matrix, first, last = paste_matrix(2, 2, 4, 2)
+    assert matrix.tolist() == [[1.0, 0.0], [0.25, 0.75]]  # 0.5 * [1, 0] + 0.5 * [1, 0]; 0.5 * [.5, .5] + 0.5 * [0, 1]
+    assert first.tolist() == [0, 0] and last.tolist() == [0, 1]
+
+
+def test_paste_windows_by_hand():
+    # the paste of paste_matrix(2, 2, 4, 4) on both axes: output rows/columns 0-1 read only cell 0,
+    # 2 reads cells 0 and 1, 3 reads only cell 1
+    probs = torch.zeros(3, 2, 2)
+    probs[0, 1, 1] = 0.9  # only cell (1, 1) is live: output rows 2-3, columns 2-3
+    probs[1, 0, 1] = 0.9  # cell (0, 1): rows 0-2, columns 2-3
+    probs[2] = 0.5  # nothing above 0.5 (0.5 is not above it, but within the rounding margin: all of it)
+    windows = paste_windows(probs, 0.5, (4, 4), (4, 4), stride=2)
+    assert windows.tolist() == [[2, 2, 4, 4], [2, 0, 4, 3], [0, 0, 4, 4]]
+    assert paste_windows(probs[:2] * 0.5, 0.5, (4, 4), (4, 4), stride=2).tolist() == [[0, 0, 0, 0]] * 2  # nothing live
+
+
+@pytest.mark.parametrize(
+    "canvas_s4, input_hw, output_hw", [((8, 8), (30, 28), (60, 56)), ((20, 32), (72, 120), (270, 480)), ((9, 7), (33, 25), (17, 13))]
+)
+def test_paste_windows_hold_every_pasted_pixel(canvas_s4, input_hw, output_hw):
+    gen = torch.Generator().manual_seed(sum(output_hw))
+    probs = torch.rand(6, *canvas_s4, generator=gen) * 0.45  # below 0.5 everywhere ...
+    for k in range(4):  # ... but for a 2x2 blob of cells in each of the first four
+        probs[k, k : k + 2, k + 1 : k + 3] += 0.5
+    windows = paste_windows(probs, 0.5, input_hw, output_hw)
+    binary = paste_masks(probs, input_hw, output_hw) > 0.5
+    for mask, (x0, y0, x1, y1) in zip(binary[:4], windows[:4].tolist()):
+        inside = torch.zeros_like(mask)
+        inside[y0:y1, x0:x1] = True
+        assert mask.any() and not (mask & ~inside).any()  # every pasted pixel inside the window
+        assert (x1 - x0) * (y1 - y0) <= 0.35 * mask.numel()  # a blob's window, not the image
+    assert windows[4:].tolist() == [[0, 0, 0, 0]] * 2 and not binary[4:].any()
 
 
 @pytest.mark.parametrize(

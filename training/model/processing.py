@@ -5,7 +5,8 @@ these functions, so they agree to the pixel:
 - :func:`resized_size` / :func:`resize_image`: shortest-edge resize with a long-side cap;
 - :func:`normalize_and_pad`: channel order, (x - mean) / std, zero-pad to a multiple of 32;
 - :func:`paste_masks`: stride-4 probabilities -> the original image size;
-- :func:`paste_mask_in_box`: the same, computed only inside one box (box prompts);
+- :func:`paste_mask_in_box`: the same, computed only inside one box, and :func:`paste_windows`:
+  the window each mask can cover (serving pastes each mask there alone);
 - :func:`scale_boxes`: boxes from the resized input back to the original image;
 - :class:`InputSpec`, :func:`resize_to_spec`, :func:`batch_to_spec`: the same rules for a
   model known only by its input description (an exported graph's metadata, a checkpoint's
@@ -91,17 +92,18 @@ def paste_masks(mask_probs: Tensor, input_hw: tuple[int, int], output_hw: tuple[
 
 
 @lru_cache(maxsize=32)
-def paste_taps(length_s: int, stride: int, input_len: int, output_len: int) -> tuple[Tensor, Tensor]:
-    """:func:`paste_masks` along one axis as taps: output pixel i = sum_k weight[i, k] *
-    stride-``stride`` value index[i, k].
+def paste_matrix(length_s: int, stride: int, input_len: int, output_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`paste_masks` along one axis as a matrix: output pixel i = sum_j matrix[i, j] *
+    stride-``stride`` value j; also, per output pixel, the first and last j it reads (its
+    non-zero weights lie between them).
 
-    The paste is linear and separable (aligned_bilinear, crop to ``input_len``, bilinear
-    to ``output_len``), so its weights along one axis are the paste of unit impulses: the
-    rows of that matrix have at most a few non-zeros, kept here as (output_len, K) index
-    and weight tensors (K = the most non-zeros of any row; unused taps weigh 0).
+    The paste is linear and separable (aligned_bilinear, crop to ``input_len``, bilinear to
+    ``output_len``), so its matrix along one axis is the paste of unit impulses. Each row holds
+    a few non-negative weights that sum to 1 (both interpolations are convex), so a pasted
+    pixel is never above every value it reads.
+    Returns: matrix (output_len, length_s), first (output_len,), last (output_len,) int64.
     """
-    eye = torch.eye(length_s)[:, None]  # (n, 1, n): impulse j in row j
-    x = eye
+    x = torch.eye(length_s)[:, None]  # (n, 1, n): impulse j in row j
     if stride != 1:
         x = F.pad(x, (0, 1), mode="replicate")
         x = F.interpolate(x, size=stride * length_s + 1, mode="linear", align_corners=True)
@@ -110,9 +112,10 @@ def paste_taps(length_s: int, stride: int, input_len: int, output_len: int) -> t
     if input_len != output_len:
         x = F.interpolate(x, size=output_len, mode="linear", align_corners=False)
     matrix = x[:, 0].T.contiguous()  # (output_len, n)
-    k = max(int((matrix != 0).sum(dim=1).max()), 1)
-    weight, index = matrix.abs().topk(k, dim=1)
-    return index, matrix.gather(1, index) * (weight != 0)
+    reads = matrix != 0
+    first = reads.int().argmax(dim=1)
+    last = length_s - 1 - reads.flip(1).int().argmax(dim=1)
+    return matrix, first, last
 
 
 def paste_mask_in_box(
@@ -122,19 +125,54 @@ def paste_mask_in_box(
     (integers, x1 / y1 exclusive): (hp, wp) stride-``stride`` probabilities -> (y1 - y0, x1 - x0).
 
     Equal to ``paste_masks(mask_probs[None], ...)[0, y0:y1, x0:x1]`` up to float rounding
-    (the same weights, summed in another order), at the cost of the box instead of the
-    image: a box prompt on a 1920x1080 image needs only its box.
+    (the same weights, summed in another order): rows @ probs @ columns.T with the
+    :func:`paste_matrix` of each axis, restricted to the box and to the stride-``stride``
+    cells it reads, so the work grows with the box, not the image.
     """
     x0, y0, x1, y1 = box
-    rows_i, rows_w = (t.to(mask_probs.device) for t in paste_taps(mask_probs.shape[0], stride, input_hw[0], output_hw[0]))
-    cols_i, cols_w = (t.to(mask_probs.device) for t in paste_taps(mask_probs.shape[1], stride, input_hw[1], output_hw[1]))
-    rows_i, rows_w, cols_i, cols_w = rows_i[y0:y1], rows_w[y0:y1], cols_i[x0:x1], cols_w[x0:x1]
-    if rows_i.numel() == 0 or cols_i.numel() == 0:
-        return mask_probs.new_zeros(max(y1 - y0, 0), max(x1 - x0, 0))
-    first, last = int(cols_i.min()), int(cols_i.max()) + 1
-    band = mask_probs[:, first:last].float()
-    by_rows = (band[rows_i] * rows_w[..., None]).sum(dim=1)  # (h, band width)
-    return (by_rows[:, cols_i - first] * cols_w[None]).sum(dim=-1)
+    if y1 <= y0 or x1 <= x0:
+        return mask_probs.new_zeros(max(y1 - y0, 0), max(x1 - x0, 0), dtype=torch.float32)
+    rows, row_first, row_last = paste_matrix(mask_probs.shape[0], stride, input_hw[0], output_hw[0])
+    cols, col_first, col_last = paste_matrix(mask_probs.shape[1], stride, input_hw[1], output_hw[1])
+    r0, r1 = int(row_first[y0]), int(row_last[y1 - 1]) + 1  # first/last grow with the pixel
+    c0, c1 = int(col_first[x0]), int(col_last[x1 - 1]) + 1
+    dev = mask_probs.device
+    band = mask_probs[r0:r1, c0:c1].float()
+    return rows[y0:y1, r0:r1].to(dev) @ band @ cols[x0:x1, c0:c1].to(dev).T
+
+
+# Margin under the threshold for :func:`paste_windows`: the paste's weights sum to 1 only up to
+# float rounding, so a pixel may land a few ulps above the largest value it reads.
+_WINDOW_MARGIN = 1e-4
+
+
+def paste_windows(mask_probs: Tensor, threshold: float, input_hw: tuple[int, int], output_hw: tuple[int, int], stride: int = 4) -> Tensor:
+    """(n, hp, wp) stride-``stride`` probabilities -> (n, 4) int64 windows (x0, y0, x1, y1) of the
+    original image outside which ``paste_masks(mask_probs, ...) > threshold`` is False; (0, 0,
+    0, 0) for a mask with no pixel above it.
+
+    A pasted pixel is a convex combination of the cells it reads (:func:`paste_matrix`), so
+    it can exceed the threshold only if one of them does: the window spans the output rows
+    that read a row holding such a cell, and the same for columns. Found on the small
+    stride-``stride`` maps, it spares pasting and scanning the rest of the image.
+    """
+    n = mask_probs.shape[0]
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.long)
+    live = mask_probs.float() > threshold - _WINDOW_MARGIN  # (n, hp, wp)
+    spans = []
+    for axis, length_out in ((1, output_hw[0]), (2, output_hw[1])):
+        matrix = paste_matrix(mask_probs.shape[axis], stride, input_hw[axis - 1], length_out)[0].to(mask_probs.device)
+        cells = live.any(dim=3 - axis).float()  # rows (axis 1) or columns (axis 2) with a live cell
+        reads = (cells @ (matrix != 0).float().T) > 0  # (n, length_out)
+        index = torch.arange(length_out, device=mask_probs.device)
+        start = torch.where(reads, index, length_out).min(dim=1).values
+        end = torch.where(reads, index + 1, 0).max(dim=1).values
+        spans.append((start, end))
+    (y0, y1), (x0, x1) = spans
+    windows = torch.stack([x0, y0, x1, y1], dim=1)
+    empty = (x1 <= x0) | (y1 <= y0)
+    return torch.where(empty[:, None], torch.zeros_like(windows), windows).cpu()
 
 
 def scale_boxes(boxes: Tensor, input_hw: tuple[int, int], output_hw: tuple[int, int]) -> Tensor:
