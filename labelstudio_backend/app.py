@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from labelstudio_backend.fit import TrainingManager, read_state
 from labelstudio_backend.images import ImageFetcher
 from labelstudio_backend.label_config import LabelConfig, LabelConfigError, parse_label_config
-from labelstudio_backend.model import ModelHolder, RemotePredictor
+from labelstudio_backend.model import ModelHolder, RemotePredictor, on_inference_thread
 from labelstudio_backend.predict import PredictOptions, TaskPredictor, context_rectangles
 from labelstudio_backend.settings import BackendSettings
 
@@ -136,7 +136,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         st = app.state
         if st.holder is None:
             log.info("loading %s on %s", settings.model or settings.server_url, settings.device)
-            st.holder = await run_in_threadpool(load_holder, settings)
+            st.holder = await run_in_threadpool(on_inference_thread, load_holder, settings)
         fetcher = ImageFetcher.from_settings(settings)
         options = PredictOptions(
             settings.score_threshold,
@@ -149,7 +149,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         base = Path(settings.model).resolve() if settings.model else None
         st.training = TrainingManager(st.holder, fetcher, settings, base)
         if settings.warmup and hasattr(st.holder.predictor, "warm_up"):
-            await run_in_threadpool(st.holder.predictor.warm_up)
+            await run_in_threadpool(on_inference_thread, st.holder.predictor.warm_up)
         # import the brush encoder now (label-studio-sdk is slow to import), not in the first request
         await run_in_threadpool(__import__, "label_studio_sdk.converter.brush")
         log.info("model %s ready (%s classes)", st.holder.model_version, len(st.holder.class_names))
