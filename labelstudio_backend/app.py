@@ -28,6 +28,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from fastapi.responses import JSONResponse
 from labelstudio_backend.fit import TrainingManager, read_state
 from labelstudio_backend.images import ImageFetcher
 from labelstudio_backend.label_config import LabelConfig, LabelConfigError, parse_label_config
-from labelstudio_backend.model import ModelHolder, RemotePredictor, on_inference_thread
+from labelstudio_backend.model import ModelHolder, RemotePredictor
 from labelstudio_backend.predict import PredictOptions, TaskPredictor, context_rectangles
 from labelstudio_backend.settings import BackendSettings
 
@@ -134,9 +135,17 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         st = app.state
+        # One inference thread for the app's life (ModelHolder.executor); it ends at shutdown, so
+        # that its OpenMP pool does not slow the torch work of other threads afterwards.
+        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         if st.holder is None:
             log.info("loading %s on %s", settings.model or settings.server_url, settings.device)
-            st.holder = await run_in_threadpool(on_inference_thread, load_holder, settings)
+            try:
+                st.holder = await run_in_threadpool(lambda: inference.submit(load_holder, settings).result())
+            except BaseException:
+                inference.shutdown(wait=False)
+                raise
+        st.holder.executor = inference
         fetcher = ImageFetcher.from_settings(settings)
         options = PredictOptions(
             settings.score_threshold,
@@ -149,7 +158,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         base = Path(settings.model).resolve() if settings.model else None
         st.training = TrainingManager(st.holder, fetcher, settings, base)
         if settings.warmup and hasattr(st.holder.predictor, "warm_up"):
-            await run_in_threadpool(on_inference_thread, st.holder.predictor.warm_up)
+            await run_in_threadpool(st.holder.run, st.holder.predictor.warm_up)
         # import the brush encoder now (label-studio-sdk is slow to import), not in the first request
         await run_in_threadpool(__import__, "label_studio_sdk.converter.brush")
         log.info("model %s ready (%s classes)", st.holder.model_version, len(st.holder.class_names))
@@ -158,6 +167,8 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         finally:
             st.predictor.close()
             fetcher.close()
+            st.holder.executor = None
+            await run_in_threadpool(inference.shutdown, True)
 
     app = FastAPI(
         title="boxteacher Label Studio ML backend",

@@ -120,26 +120,25 @@ class RemotePredictor:
         self.client.close()
 
 
-# Every local model of the process is loaded, warmed up and run on this one thread: a thread
-# that runs torch keeps an OpenMP pool of its own, and with more pool threads than cores libgomp
-# stops spinning between parallel regions (the tiny model's inference took twice as long when
-# loaded on one thread and run on others: 75 vs 35-40 ms on a 2-core CPU).
-INFERENCE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-
-
-def on_inference_thread(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` run on :data:`INFERENCE_THREAD`, waiting for its result."""
-    return INFERENCE_THREAD.submit(fn, *args, **kwargs).result()
-
-
 class ModelHolder:
     """The one model of this process (see the module docstring)."""
 
-    def __init__(self, predictor, generation: int = 0, name: str | None = None):
+    def __init__(self, predictor, generation: int = 0, name: str | None = None, executor: ThreadPoolExecutor | None = None):
         self._predictor = predictor
         self.generation = generation
         self.name = name or predictor.name  # kept across swaps: the base model's name
         self._lock = threading.Lock()
+        # The inference thread (the app's, one worker) that loads, warms up and runs local models;
+        # None: the caller's thread. A thread that runs torch keeps an OpenMP pool of its own, and
+        # with more pool threads than cores libgomp stops spinning between parallel regions: the
+        # tiny model ran at 75-83 instead of 40 ms when loaded on one thread and run on others.
+        self.executor = executor
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the inference thread (the caller's when there is none)."""
+        if self.executor is None:
+            return fn(*args, **kwargs)
+        return self.executor.submit(fn, *args, **kwargs).result()
 
     @property
     def predictor(self):
@@ -165,9 +164,7 @@ class ModelHolder:
             predict = self._predictor.predict
             if isinstance(self._predictor, RemotePredictor):  # HTTP only: its own worker threads
                 return predict(images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
-            return on_inference_thread(
-                predict, images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache
-            )
+            return self.run(predict, images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
 
     def cache_stats(self) -> dict | None:
         """The encoding cache's counters (None for a remote server: see its /metrics)."""
