@@ -20,6 +20,7 @@ The model is loaded once, at startup; prediction and training never reload it pe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -141,7 +142,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         if st.holder is None:
             log.info("loading %s on %s", settings.model or settings.server_url, settings.device)
             try:
-                st.holder = await run_in_threadpool(lambda: inference.submit(load_holder, settings).result())
+                st.holder = await asyncio.get_running_loop().run_in_executor(inference, load_holder, settings)
             except BaseException:
                 inference.shutdown(wait=False)
                 raise
@@ -158,7 +159,7 @@ def create_app(settings: BackendSettings | None = None, holder: ModelHolder | No
         base = Path(settings.model).resolve() if settings.model else None
         st.training = TrainingManager(st.holder, fetcher, settings, base)
         if settings.warmup and hasattr(st.holder.predictor, "warm_up"):
-            await run_in_threadpool(st.holder.run, st.holder.predictor.warm_up)
+            await asyncio.get_running_loop().run_in_executor(inference, st.holder.predictor.warm_up)
         # import the brush encoder now (label-studio-sdk is slow to import), not in the first request
         await run_in_threadpool(__import__, "label_studio_sdk.converter.brush")
         log.info("model %s ready (%s classes)", st.holder.model_version, len(st.holder.class_names))

@@ -161,10 +161,14 @@ class ModelHolder:
     def predict(self, images, boxes=None, score_threshold=None, max_instances=None, use_cache=True):
         """:meth:`serving.runtime.Predictor.predict`, one call at a time."""
         with self._lock:
-            predict = self._predictor.predict
-            if isinstance(self._predictor, RemotePredictor):  # HTTP only: its own worker threads
-                return predict(images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
-            return self.run(predict, images, boxes=boxes, score_threshold=score_threshold, max_instances=max_instances, use_cache=use_cache)
+            return self.run(
+                self._predictor.predict,
+                images,
+                boxes=boxes,
+                score_threshold=score_threshold,
+                max_instances=max_instances,
+                use_cache=use_cache,
+            )
 
     def cache_stats(self) -> dict | None:
         """The encoding cache's counters (None for a remote server: see its /metrics)."""

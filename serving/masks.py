@@ -57,14 +57,21 @@ def encode_rle(mask: np.ndarray, window: tuple[int, int, int, int] | None = None
 def bounding_crop(binary: np.ndarray, window: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int] | None:
     """(r0, r1, c0, c1) of the smallest crop holding every True pixel; None when there is none.
     ``window`` (x0, y0, x1, y1), when given, is known to hold them all: only it is scanned."""
-    x0, y0 = (0, 0) if window is None else (max(int(window[0]), 0), max(int(window[1]), 0))
-    if window is not None:
-        binary = binary[y0 : int(window[3]), x0 : int(window[2])]
+    x0, y0 = (0, 0) if window is None else window[:2]
+    binary = window_of(binary, window)
     rows = np.flatnonzero(binary.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
     return y0 + int(rows[0]), y0 + int(rows[-1]) + 1, x0 + int(cols[0]), x0 + int(cols[-1]) + 1
+
+
+def window_of(mask: np.ndarray, window: tuple[int, int, int, int] | None) -> np.ndarray:
+    """The part of ``mask`` inside ``window`` (x0, y0, x1, y1); the whole mask when None."""
+    if window is None:
+        return mask
+    x0, y0, x1, y1 = window
+    return mask[y0:y1, x0:x1]
 
 
 def alternating_run_lengths(binary: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.ndarray:

@@ -113,7 +113,8 @@ class PromptedMasks:
 
     labels (P,) int64; det_scores (P,) float; mask_scores (P,) mask-aware score over
     the box; masks (P, H, W) bool, clipped to the box; sources: list of
-    ``"matched"`` / ``"prompt"``; matched_index (P,) detection index or -1.
+    ``"matched"`` / ``"prompt"``; matched_index (P,) detection index or -1; windows: per box
+    its pixel window (x0, y0, x1, y1), outside which its mask is all False.
     """
 
     labels: Tensor
@@ -122,6 +123,7 @@ class PromptedMasks:
     masks: Tensor
     sources: list[str]
     matched_index: Tensor
+    windows: list[tuple[int, int, int, int]]
 
 
 def box_prompted_masks(
@@ -154,7 +156,7 @@ def box_prompted_masks(
     )
     if num == 0:
         empty = torch.zeros(0, device=device)
-        return PromptedMasks(empty.long(), empty, empty, torch.zeros(0, h, w, dtype=torch.bool, device=device), [], matched)
+        return PromptedMasks(empty.long(), empty, empty, torch.zeros(0, h, w, dtype=torch.bool, device=device), [], matched, [])
     has = matched >= 0
     safe = matched.clamp(min=0)
     if encoding.mask_probs.shape[0] > 0:
@@ -169,10 +171,11 @@ def box_prompted_masks(
     m_bar = torch.zeros(num, device=device)
     # Only the box's pixels (those box_pixel_masks marks) are pasted: the mask is zero
     # outside its box, so m_bar over the box is m_bar over the image.
-    for k, (x0, y0, x1, y1) in enumerate(box_pixel_bounds(boxes, h, w).tolist()):
+    windows = [tuple(b) for b in box_pixel_bounds(boxes, h, w).tolist()]
+    for k, (x0, y0, x1, y1) in enumerate(windows):
         probs = paste_mask_in_box(probs_s4[k], (x0, y0, x1, y1), encoding.input_hw, output_hw, mask_stride)
         m_bar[k] = mean_foreground_probability(probs[None], None, mask_threshold)[0]
         masks[k, y0:y1, x0:x1] = probs > mask_threshold
     scores = mask_aware_score_from_mean(det, m_bar)
     sources = [SOURCE_MATCHED if m else SOURCE_PROMPT for m in has.tolist()]
-    return PromptedMasks(labels, det, scores, masks, sources, matched)
+    return PromptedMasks(labels, det, scores, masks, sources, matched, windows)

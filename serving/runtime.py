@@ -36,8 +36,8 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from serving.cache import EncodingCache, image_digest
+from serving.masks import window_of
 from serving.prompting import SOURCE_DETECTION, ImageEncoding, PromptOutput, box_prompted_masks, validate_boxes
-from training.model.boxes import box_pixel_bounds
 from training.model.processing import InputSpec, batch_to_spec, paste_mask_in_box, paste_windows, resize_to_spec, scale_boxes
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ class Instance:
     def area(self) -> int:
         """Mask area in pixels."""
         return int(np.count_nonzero(window_of(self.mask, self.window)))
-
-
-def window_of(mask: np.ndarray, window: tuple[int, int, int, int] | None) -> np.ndarray:
-    """The part of ``mask`` inside ``window`` (x0, y0, x1, y1); the whole mask when None."""
-    if window is None:
-        return mask
-    x0, y0, x1, y1 = window
-    return mask[y0:y1, x0:x1]
 
 
 @dataclass(frozen=True)
@@ -300,9 +292,8 @@ class Predictor(ABC):
             pm = box_prompted_masks(torch.from_numpy(boxes), enc, prompt, output_hw, self.mask_threshold, self.mask_stride)
             masks = pm.masks.cpu().numpy()
             labels, det, scores = pm.labels.tolist(), pm.det_scores.tolist(), pm.mask_scores.tolist()
-            windows = box_pixel_bounds(torch.from_numpy(boxes), *output_hw).tolist()  # each mask is clipped to its box
             return [
-                self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k], tuple(windows[k]))
+                self._instance(boxes[k], labels[k], det[k], scores[k], masks[k], pm.sources[k], pm.windows[k])
                 for k in range(boxes.shape[0])
             ]
 
@@ -318,7 +309,7 @@ class Predictor(ABC):
         if max_instances is not None:
             order = order[: max(int(max_instances), 0)]
         h, w = output_hw
-        probs_s4 = enc.mask_probs[order].float()
+        probs_s4 = enc.mask_probs[order]
         # Each mask is pasted only on the window it can cover (paste_windows: found on the
         # stride-4 map), not on the whole image: the same pixels, at the cost of the windows.
         windows = paste_windows(probs_s4, self.mask_threshold, enc.input_hw, output_hw, self.mask_stride).tolist()
