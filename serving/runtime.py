@@ -58,8 +58,9 @@ class Instance:
     det_score: detection confidence sqrt(cls * ctr);
     mask_score: mask-aware score sqrt(det_score * mean confident mask probability)
     (BoxTeacher's ranking / mask-quality score; over the box for a box prompt);
-    mask: (H, W) bool; source: "detection", "matched" (a box matched to a detection
-    by Algorithm 1) or "prompt" (a box without a match: mask head at the box centre);
+    mask: (H, W) bool; source: "detection", or for a box prompt (mask head at the box
+    centre) "matched" (the box matched a detection by Algorithm 1: its class and score) or
+    "prompt" (no match: class and score at the box centre);
     window: (x0, y0, x1, y1) integer pixels (x1 / y1 exclusive) outside which the mask is
     all False, or None when unknown: the mask encoders and ``area`` look only there.
     """

@@ -39,8 +39,9 @@ class InstanceOut(BaseModel):
     area: int = Field(..., description="mask area in pixels", examples=[40213])
     source: Literal["detection", "matched", "prompt"] = Field(
         ...,
-        description='"detection": found by the model; with box prompts, "matched": the box matched a detection '
-        '(Algorithm 1, IoU >= 0.5), "prompt": the mask head was run at the box centre',
+        description='"detection": found by the model; with box prompts (every mask from the mask head at the box '
+        'centre), "matched": the box matched a detection (Algorithm 1, IoU >= 0.5) and takes its class and '
+        'detection score, "prompt": no match, class and score at the box centre',
     )
     mask: RLEMask | list[list[float]] | str | None = Field(
         ...,

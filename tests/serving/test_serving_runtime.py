@@ -20,9 +20,10 @@ from serving.batching import MicroBatcher, QueueFull
 from serving.cache import image_digest
 from serving.images import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage, decode_image
 from serving.masks import encode_png, encode_polygon, encode_rle
-from serving.prompting import validate_boxes
+from serving.prompting import SOURCE_MATCHED, SOURCE_PROMPT, ImageEncoding, PromptOutput, box_prompted_masks, validate_boxes
 from serving.runtime import Instance, PyTorchPredictor, load_predictor
 from training.model.boxes import box_pixel_masks
+from training.model.processing import paste_mask_in_box
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
@@ -179,11 +180,42 @@ def test_box_prompts(predictor):
         assert 0 <= inst.mask_score <= 1
         x0, y0, x1, y1 = inst.window  # the box's pixels
         assert not outside[y0:y1, x0:x1].any() and (x1 - x0) * (y1 - y0) == (~outside).sum()
-    # the matched mask is the detection's mask clipped to the box (pasted on the box alone:
-    # the same probabilities up to float rounding, so a pixel at the threshold may differ)
-    inside = box_pixel_masks(torch.tensor(dets[0].box[None]), 96, 96)[0].numpy()
-    assert (prompted[1].mask != (dets[0].mask & inside)).sum() <= 2 and prompted[1].mask.any()
+    # every box's mask, the matched one's included, is the mask head at that box's centre:
+    # the prompt part run directly on this image's encoding, pasted on the box
+    enc = predictor.encode([im], use_cache=False)[0]
+    scale = np.array([enc.input_hw[1] / 96, enc.input_hw[0] / 96] * 2, dtype=np.float32)
+    own = predictor._prompt(enc, torch.from_numpy(boxes[1:2] * scale)).mask_probs[0]
+    x0, y0, x1, y1 = prompted[1].window
+    want = paste_mask_in_box(own, (x0, y0, x1, y1), enc.input_hw, (96, 96), 4) > 0.5
+    assert np.array_equal(prompted[1].mask[y0:y1, x0:x1], want.numpy())
     assert predictor.predict([im], boxes=[np.zeros((0, 4))])[0] == []
+
+
+def test_box_prompted_masks_by_hand():
+    """A matched box takes the detection's class and score but the mask at its own centre.
+
+    Input = output = 32x32, stride 4 (8x8 maps). One detection [0, 0, 16, 16] (label 3, det
+    0.9) whose mask is all ones; prompt masks: box A = the detection's box, ones on the 2x2
+    top-left cells only (pixel centres 2 and 6 are 1, 10 is 0: the pasted mask crosses 0.5 at
+    pixel 8); box B = [16, 16, 32, 32], no detection, all ones.
+    """
+    ones = torch.ones(1, 8, 8)
+    enc = ImageEncoding(
+        boxes=torch.tensor([[0.0, 0.0, 16.0, 16.0]]), labels=torch.tensor([3]), det_scores=torch.tensor([0.9]),
+        scores=torch.tensor([0.8]), mask_probs=ones, input_hw=(32, 32),
+    )  # fmt: skip
+    a = torch.zeros(8, 8)
+    a[:2, :2] = 1.0
+    prompt = PromptOutput(labels=torch.tensor([1, 2]), det_scores=torch.tensor([0.4, 0.5]), mask_probs=torch.stack([a, torch.ones(8, 8)]))
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 32.0]])
+    pm = box_prompted_masks(boxes, enc, prompt, (32, 32))
+    assert pm.sources == [SOURCE_MATCHED, SOURCE_PROMPT] and pm.matched_index.tolist() == [0, -1]
+    assert pm.labels.tolist() == [3, 2] and pm.det_scores.tolist() == pytest.approx([0.9, 0.5])
+    mask_a = pm.masks[0].numpy()
+    assert mask_a[:6, :6].all() and not mask_a[10:].any() and not mask_a[:, 10:].any()  # not the detection's full box
+    assert pm.masks[1, 16:, 16:].all() and not pm.masks[1, :16].any() and not pm.masks[1, :, :16].any()
+    assert pm.mask_scores[1].item() == pytest.approx((0.5 * 1.0) ** 0.5)  # sqrt(det * m_bar), m_bar = 1
+    assert pm.windows == [(0, 0, 16, 16), (16, 16, 32, 32)]
 
 
 def test_prompt_masks_follow_the_box(predictor):
