@@ -11,9 +11,14 @@ defaults, 2026-12-02):
 | the authors' | 2.1 | 1.2 | 77% | fired at iteration 140 (flooding masks) |
 | the defaults with box-prior weight 1 (two runs: a script, this test) | 14.1, 15.3 | 3.6, 2.0 | 6%, 5% | silent |
 | today's defaults, box-prior weight 0.3 (this test, 2026-12-03) | 15.3 | 1.5 | 7% | silent |
+| the same code, this test inside a full `.ci/run` (2026-12-03) | 15.3 | 2.3 | 20% | silent |
 
 The defaults keep the detector training, the collapse detector silent and the masks inside
-their boxes; the bounds below leave room for another CPU's rounding.
+their boxes. The detector's numbers repeat to the digit (the mask path sends it no gradient),
+but the mask head's do not: float rounding that differs between runs (thread scheduling of
+the reductions) moves a 200-iteration run's masks between 5% and 20% outside their boxes. So
+the bound on that share sits halfway between the worst healthy run (20%) and the authors'
+training (77%), and the other bounds leave the same kind of room.
 """
 
 from __future__ import annotations
@@ -51,4 +56,4 @@ def test_boxinst_from_scratch_keeps_the_detector_and_the_masks(tmp_path):
     assert collapse_warning(tmp_path) is None
     assert metrics["bbox"]["AP"] > 7.0
     assert metrics["segm"]["AP"] > 0.5  # masks exist (a dead mask head gives 0)
-    assert len(outside) > 0 and outside.mean() < 0.2
+    assert len(outside) > 0 and outside.mean() < 0.45  # healthy 5-20%, the authors' training 77%
