@@ -15,7 +15,7 @@ every runtime (PyTorch, ONNX Runtime, TensorRT):
    predictions visited by descending mask-aware score); a matched box takes that detection's
    class and detection score, a box without a match the class / detection score at its
    prompt cell;
-4. every mask is pasted on its box alone (:func:`training.model.processing.paste_mask_in_box`:
+3. every mask is pasted on its box alone (:func:`training.model.processing.paste_mask_in_box`:
    the work grows with the box, not the image), so it is clipped to the box, and scored with
    the mask-aware score (:func:`training.model.scores.mask_aware_score`) over the box.
 """
@@ -162,7 +162,7 @@ def box_prompted_masks(
     has = matched >= 0
     safe = matched.clamp(min=0)
     probs_s4 = prompt.mask_probs.to(device)
-    if encoding.mask_probs.shape[0] > 0:
+    if has.any():  # (indexing the detections needs at least one)
         labels = torch.where(has, encoding.labels.to(device)[safe].long(), prompt.labels.to(device).long())
         det = torch.where(has, encoding.det_scores.to(device)[safe].float(), prompt.det_scores.to(device).float())
     else:

@@ -15,10 +15,10 @@ defaults, 2026-12-02):
 
 The defaults keep the detector training, the collapse detector silent and the masks inside
 their boxes. The detector's numbers repeat to the digit (the mask path sends it no gradient),
-but the mask head's do not: float rounding that differs between runs (thread scheduling of
-the reductions) moves a 200-iteration run's masks between 5% and 20% outside their boxes. So
-the bound on that share sits halfway between the worst healthy run (20%) and the authors'
-training (77%), and the other bounds leave the same kind of room.
+but the mask head's do not: rounding that differs between runs (most likely the order of
+parallel reductions) moves a 200-iteration run's masks between 5% and 20% outside their
+boxes. So the bound on that share, 45%, sits between the worst healthy run (20%) and the
+authors' training (77%), and the other bounds leave the same kind of room.
 """
 
 from __future__ import annotations
