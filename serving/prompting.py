@@ -160,14 +160,12 @@ def box_prompted_masks(
         empty = torch.zeros(0, device=device)
         return PromptedMasks(empty.long(), empty, empty, torch.zeros(0, h, w, dtype=torch.bool, device=device), [], matched, [])
     has = matched >= 0
-    safe = matched.clamp(min=0)
     probs_s4 = prompt.mask_probs.to(device)
-    if has.any():  # (indexing the detections needs at least one)
-        labels = torch.where(has, encoding.labels.to(device)[safe].long(), prompt.labels.to(device).long())
-        det = torch.where(has, encoding.det_scores.to(device)[safe].float(), prompt.det_scores.to(device).float())
-    else:
-        labels = prompt.labels.to(device).long()
-        det = prompt.det_scores.to(device).float()
+    # class and detection score: the matched detection's, else the prompt cell's
+    labels = prompt.labels.to(device).long().clone()
+    det = prompt.det_scores.to(device).float().clone()
+    labels[has] = encoding.labels.to(device)[matched[has]].long()
+    det[has] = encoding.det_scores.to(device)[matched[has]].float()
     masks = torch.zeros(num, h, w, dtype=torch.bool, device=device)
     m_bar = torch.zeros(num, device=device)
     # Only the box's pixels (those box_pixel_masks marks) are pasted: the mask is zero
