@@ -33,7 +33,14 @@ def register(bench: argparse._SubParsersAction) -> None:
     q.add_argument("--output", required=True)
     q.add_argument("--methods", default="condinst,boxinst,boxteacher")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--seeds", type=int, default=1, help="train each method with seeds 0..N-1; cells show mean (min-max)")
+    q.add_argument("--seeds", type=int, default=1, help="train each method with N seeds; cells show mean (min-max)")
+    q.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the seeds are FIRST..FIRST+N-1 (default 0): add seeds to a table without training the first ones again "
+        "(finished runs in --output are read back, not retrained)",
+    )
     q.add_argument("--variants", default=None, help="YAML file: variant name -> list of key=value overrides (an ablation table)")
     q.add_argument(
         "--jobs",
@@ -185,7 +192,7 @@ def quality_jobs(args) -> list[tuple[str, str, list[str], Path]]:
     jobs = []
     for variant, extra in load_variants(args.variants).items():
         for method in args.methods.split(","):
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 name = "-".join(x for x in (variant, method, f"seed{seed}") if x)
                 jobs.append((variant, method, [*extra, *args.overrides, f"train.seed={seed}"], out / name))
     return jobs

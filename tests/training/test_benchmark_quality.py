@@ -57,10 +57,10 @@ def test_collapse_warning_read_from_the_log(tmp_path):
     assert collapse_warning(tmp_path) == "mask head collapse"
 
 
-def _quality_args(tmp_path, jobs, seeds=2, methods="condinst,boxinst"):
+def _quality_args(tmp_path, jobs, seeds=2, methods="condinst,boxinst", first_seed=0):
     return argparse.Namespace(
         data="unused", config="unused", output=str(tmp_path), methods=methods, device="cpu",
-        seeds=seeds, variants=None, jobs=jobs, overrides=["solver.max_iter=5"],
+        seeds=seeds, first_seed=first_seed, variants=None, jobs=jobs, overrides=["solver.max_iter=5"],
     )  # fmt: skip
 
 
@@ -78,6 +78,14 @@ def test_quality_jobs_in_table_order(tmp_path):
         ("condinst", "condinst-seed0"), ("condinst", "condinst-seed1"), ("boxinst", "boxinst-seed0"), ("boxinst", "boxinst-seed1"),
     ]  # fmt: skip
     assert jobs[3][2] == ["solver.max_iter=5", "train.seed=1"]
+
+
+def test_first_seed_adds_seeds_after_earlier_runs(tmp_path):
+    """--first-seed 2 --seeds 1 trains only seed 2; its folder name and train.seed say so."""
+    jobs = quality_jobs(_quality_args(tmp_path, jobs=1, seeds=1, first_seed=2))
+    assert [(m, d.name, o[-1]) for _, m, o, d in jobs] == [
+        ("condinst", "condinst-seed2", "train.seed=2"), ("boxinst", "boxinst-seed2", "train.seed=2"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
