@@ -220,6 +220,35 @@ def gather_assigned_masks(pred_masks: Tensor, pred_weights: Tensor, matched_inde
     return masks, weights
 
 
+def merge_teacher_views(views: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Average the teacher's views of the same GT boxes (the flip test-time augmentation).
+
+    Each view gives, per GT box g, a mask m_v,g (probabilities in the student's geometry,
+    un-flipped), the matched detection's score c_v,g and box b_v,g, and whether it matched
+    (h_v,g, Algorithm 1 in that view). Per GT box, over the views that matched it:
+
+        m_g = sum_v h_v,g m_v,g / sum_v h_v,g   (the same for c_g and b_g),   h_g = OR_v h_v,g
+
+    and zeros where no view matched. One view is returned unchanged.
+
+    Args:
+        views: ``(probs (G, H, W), det_scores (G,), boxes (G, 4), has (G,) bool)`` per view.
+    Returns:
+        the merged ``(probs, det_scores, boxes, has)``.
+    """
+    if len(views) == 1:
+        return views[0]
+    weights = torch.stack([has.float() for *_, has in views])  # (V, G)
+    count = weights.sum(0).clamp(min=1)
+
+    def mean(index: int) -> Tensor:
+        parts = torch.stack([view[index].float() for view in views])  # (V, G, ...)
+        w = weights.view(*weights.shape, *[1] * (parts.dim() - 2))
+        return (parts * w).sum(0) / count.view(-1, *[1] * (parts.dim() - 2))
+
+    return mean(0), mean(1), mean(2), weights.sum(0) > 0
+
+
 def crop_masks_to_boxes(masks: Tensor, boxes: Tensor) -> Tensor:
     """Zero each mask outside its box (docs/method.md, "BoxTeacher": the pseudo mask is cropped to its box).
 

@@ -14,12 +14,21 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
+from torchvision.tv_tensors import BoundingBoxFormat
 
-from training.boxteacher import assign_pseudo_masks, crop_masks_to_boxes, gather_assigned_masks, pseudo_mask_targets, quality_score
+from training.boxteacher import (
+    assign_pseudo_masks,
+    crop_masks_to_boxes,
+    gather_assigned_masks,
+    merge_teacher_views,
+    pseudo_mask_targets,
+    quality_score,
+)
 from training.config import Config
 from training.criterion import StudentBatch
 from training.losses import box_masks
-from training.model.condinst import CondInst
+from training.model.condinst import CondInst, InputDetections
 from training.model.processing import paste_masks, resize_image
 
 
@@ -54,6 +63,32 @@ def student_batch(
     return StudentBatch(batch, raw.to(device), sizes, boxes, labels, masks, None, removed)
 
 
+def assigned_teacher_view(
+    det: InputDetections, gt_boxes: Tensor, student_hw: tuple[int, int], cfg: Config, flipped: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One teacher view of one image: per GT box, Algorithm 1's match pasted at the student's size.
+
+    A ``flipped`` view saw the image mirrored; its boxes and masks are mirrored back here.
+    Returns ``(probs (G, H, W), det_scores (G,), boxes (G, 4), has (G,))``, zeros where unmatched.
+    """
+    bt = cfg.boxteacher
+    sy, sx = student_hw[0] / det.input_hw[0], student_hw[1] / det.input_hw[1]
+    pred_boxes = det.dets.boxes * det.dets.boxes.new_tensor([sx, sy, sx, sy])
+    if flipped:
+        pred_boxes = horizontal_flip_bounding_boxes(pred_boxes, format=BoundingBoxFormat.XYXY, canvas_size=student_hw)
+    num_gt = gt_boxes.shape[0]
+    if det.mask_probs.shape[0] == 0 or num_gt == 0:  # nothing to assign
+        zeros = gt_boxes.new_zeros(num_gt)
+        return gt_boxes.new_zeros(num_gt, *student_hw), zeros, gt_boxes.new_zeros(num_gt, 4), zeros.bool()
+    matched = assign_pseudo_masks(pred_boxes, det.scores, gt_boxes, bt.iou_threshold, bt.score_threshold)
+    has, sel = matched >= 0, matched.clamp(min=0)
+    probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)
+    if flipped:
+        probs = probs.flip(-1)
+    keep = has.to(probs.dtype)
+    return probs * keep.view(-1, 1, 1), det.dets.det_scores[sel] * keep, pred_boxes[sel] * keep.view(-1, 1), has
+
+
 @torch.no_grad()
 def teacher_pseudo_masks(
     teacher: CondInst, images: list[Tensor], batch: StudentBatch, cfg: Config
@@ -62,35 +97,31 @@ def teacher_pseudo_masks(
 
     The teacher sees the un-jittered images (same flip and scale as the student),
     re-sized to the test scale; its masks are pasted back at the student's input size
-    (no flip/scale bookkeeping needed), binarised at 0.5, assigned to GT boxes with
-    Algorithm 1 (ranked by the mask-aware score), cropped to their boxes, weighted by
-    the configured quality score. Returns per image (soft, binary, weights) at stride 4
-    on the student's padded canvas, and statistics (count, mean weight).
+    (no flip/scale bookkeeping needed), assigned to GT boxes with Algorithm 1 (ranked by
+    the mask-aware score), cropped to their boxes, binarised at 0.5, weighted by the
+    configured quality score. With ``boxteacher.teacher_flip`` the teacher also sees each
+    image mirrored and the two views are averaged (:func:`merge_teacher_views`). Returns per
+    image (soft, binary, weights) at stride 4 on the student's padded canvas, and
+    statistics (count, mean weight).
     """
     bt, thr = cfg.boxteacher, cfg.model.mask.threshold
     teacher_inputs = [resize_image(im, bt.teacher_min_size, bt.teacher_max_size) for im in images]
-    tbatch, tsizes = teacher.preprocess(teacher_inputs)
+    flips = [False, True] if bt.teacher_flip else [False]
+    tbatch, tsizes = teacher.preprocess([im.flip(-1) if f else im for f in flips for im in teacher_inputs])
     head, mask_feats = teacher(tbatch)
     dets = teacher.detect(head, mask_feats, tsizes)
     padded_hw = tuple(batch.images.shape[-2:])
     out, num_assigned, weight_sum = [], 0, 0.0
-    for det, student_hw, gt_boxes in zip(dets, batch.image_sizes, batch.boxes):
-        sy, sx = student_hw[0] / det.input_hw[0], student_hw[1] / det.input_hw[1]
-        pred_boxes = det.dets.boxes * det.dets.boxes.new_tensor([sx, sy, sx, sy])
-        matched = assign_pseudo_masks(pred_boxes, det.scores, gt_boxes, bt.iou_threshold, bt.score_threshold)
-        has = matched >= 0
-        sel = matched.clamp(min=0)
-        if det.mask_probs.shape[0] == 0 or gt_boxes.shape[0] == 0:  # nothing to assign
-            probs = det.mask_probs.new_zeros(gt_boxes.shape[0], *student_hw)
-            sel = torch.zeros(0, dtype=torch.int64, device=matched.device) if det.mask_probs.shape[0] == 0 else sel
-        else:
-            probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)
+    for i, (student_hw, gt_boxes) in enumerate(zip(batch.image_sizes, batch.boxes)):
+        views = [assigned_teacher_view(dets[v * len(images) + i], gt_boxes, student_hw, cfg, f) for v, f in enumerate(flips)]
+        probs, det_scores, pred_boxes, has = merge_teacher_views(views)
         probs = crop_masks_to_boxes(probs, gt_boxes)
         gt_box_masks = box_masks(gt_boxes, student_hw[0], student_hw[1], stride=1)
-        if det.mask_probs.shape[0] == 0:
-            quality = probs.new_zeros(gt_boxes.shape[0])
-        else:
-            quality = quality_score(bt.quality, det.dets.det_scores[sel], probs, gt_box_masks, pred_boxes[sel], gt_boxes, thr)
+        quality = (
+            quality_score(bt.quality, det_scores, probs, gt_box_masks, pred_boxes, gt_boxes, thr)
+            if has.any()
+            else probs.new_zeros(len(has))
+        )
         masks, weights = gather_assigned_masks(
             (probs > thr).float(), quality, torch.where(has, torch.arange(len(has), device=has.device), -1)
         )

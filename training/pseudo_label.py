@@ -43,9 +43,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
+from torchvision.tv_tensors import BoundingBoxFormat
 
 from training import distributed as dist_utils
-from training.boxteacher import crop_masks_to_boxes
+from training.boxteacher import crop_masks_to_boxes, merge_teacher_views
 from training.data.coco import CocoInstances
 from training.evaluate import encode_mask
 from training.model.assignment import assign_pseudo_masks
@@ -60,13 +62,20 @@ MANIFEST = "run.json"
 
 @torch.no_grad()
 def pseudo_label_image(
-    model: CondInst, image: torch.Tensor, anns: list[dict], iou_threshold: float = 0.5, score_threshold: float = 0.05
+    model: CondInst,
+    image: torch.Tensor,
+    anns: list[dict],
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.05,
+    flip: bool = False,
 ) -> tuple[list[dict], list[int]]:
     """One image: (pseudo-mask annotations, ids of the boxes left without one).
 
     Args:
         image: RGB (3, H, W) uint8 at the size the annotations' boxes refer to.
         anns: the image's non-crowd COCO box annotations (``bbox`` xywh pixels).
+        flip: also label the image mirrored and average the two views' masks
+            (:func:`training.boxteacher.merge_teacher_views`): twice the compute.
     Returns:
         each matched annotation copied with ``segmentation`` (COCO RLE of the mask cropped
         to its box), ``area``, ``score`` (mask-aware score inside the box), ``pseudo``;
@@ -77,16 +86,32 @@ def pseudo_label_image(
     gt = torch.tensor(
         [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32
     )
-    inst = model.predict([image], return_probs=True)[0]
-    matched = assign_pseudo_masks(inst.boxes.cpu(), inst.scores.cpu(), gt, iou_threshold, score_threshold)
+    h, w = image.shape[-2:]
     threshold = model.cfg.model.mask.threshold
+    views = []  # per view: (instances, their boxes in the image's frame, matched index per GT box, flipped)
+    for inst, flipped in zip(model.predict([image, image.flip(-1)] if flip else [image], return_probs=True), [False, True]):
+        boxes = inst.boxes.float().cpu()
+        if flipped:
+            boxes = horizontal_flip_bounding_boxes(boxes, format=BoundingBoxFormat.XYXY, canvas_size=(h, w))
+        views.append((inst, boxes, assign_pseudo_masks(boxes, inst.scores.cpu(), gt, iou_threshold, score_threshold), flipped))
+
+    def view(inst, boxes: torch.Tensor, k: int, flipped: bool) -> tuple[torch.Tensor, ...]:
+        probs = inst.mask_probs[k : k + 1].float().cpu()
+        return (
+            probs.flip(-1) if flipped else probs,
+            inst.det_scores[k : k + 1].float().cpu(),
+            boxes[k : k + 1],
+            torch.ones(1, dtype=torch.bool),
+        )
+
     pseudo, unmatched = [], []
-    for g, ann in enumerate(anns):
-        k = int(matched[g])
-        if k >= 0:
-            probs = crop_masks_to_boxes(inst.mask_probs[k : k + 1].float().cpu(), gt[g : g + 1])
-            h, w = probs.shape[-2:]
-            score = mask_aware_score(inst.det_scores[k : k + 1].float().cpu(), probs, box_masks(gt[g : g + 1], h, w, stride=1), threshold)
+    for g, ann in enumerate(anns):  # one box at a time: a full-size mask per box, not per image
+        box = gt[g : g + 1]
+        matched = [view(inst, boxes, int(m[g]), flipped) for inst, boxes, m, flipped in views if m[g] >= 0]
+        if matched:
+            probs, det_scores, _, _ = merge_teacher_views(matched)
+            probs = crop_masks_to_boxes(probs, box)
+            score = mask_aware_score(det_scores, probs, box_masks(box, h, w, stride=1), threshold)
             mask = (probs[0] > threshold).numpy()
             if mask.any():
                 pseudo.append(
@@ -234,6 +259,7 @@ def pseudo_label_to_file(
     *,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.05,
+    flip: bool = False,
     workers: int = 0,
     run_key: dict | None = None,
     distributed: bool = True,
@@ -245,6 +271,7 @@ def pseudo_label_to_file(
     ``quality`` (:class:`MaskQuality`) when the split has true masks.
 
     Args:
+        flip: label each image also mirrored and average the two views (:func:`pseudo_label_image`).
         workers: DataLoader processes decoding images ahead of the model (0: in line).
         run_key: what identifies the run (checkpoint digest, thresholds ...); parts made
             with another key are not resumed from.
@@ -255,6 +282,8 @@ def pseudo_label_to_file(
     parts = parts_dir(output)
     dataset = CocoInstances(data_dir, split)
     key = {"split": split, "iou_threshold": iou_threshold, "score_threshold": score_threshold, **(run_key or {})}
+    if flip:  # only when on, so that runs begun before the option existed still resume
+        key["flip"] = True
 
     # rank 0 prepares the folder and says what is left to do; every rank takes its share
     todo: list[int] | str = []
@@ -287,7 +316,7 @@ def pseudo_label_to_file(
             if image is None:
                 writer.write({"image_id": int(image_id), "skipped": "unreadable or wrongly sized image"})
                 continue
-            pseudo, unmatched = pseudo_label_image(model, image, _box_annotations(dataset, image_id), iou_threshold, score_threshold)
+            pseudo, unmatched = pseudo_label_image(model, image, _box_annotations(dataset, image_id), iou_threshold, score_threshold, flip)
             writer.write({"image_id": int(image_id), "annotations": pseudo, "unmatched": unmatched})
     group.barrier()
 

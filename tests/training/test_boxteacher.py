@@ -20,6 +20,7 @@ from training.boxteacher import (
     gather_assigned_masks,
     mask_aware_score,
     mean_foreground_probability,
+    merge_teacher_views,
     noise_aware_pseudo_mask_loss,
     pseudo_affinity,
     pseudo_mask_targets,
@@ -176,6 +177,28 @@ def test_gather_assigned_masks():
     assert weights.tolist() == pytest.approx([0.7, 0.0, 0.4])
     m0, w0 = gather_assigned_masks(torch.zeros(0, 2, 2), torch.zeros(0), torch.tensor([-1, -1]))
     assert m0.shape == (2, 2, 2) and w0.tolist() == [0.0, 0.0]
+
+
+def test_merge_teacher_views_by_hand():
+    # 3 GT boxes, 2 views: box 0 matched in both, box 1 only in the flipped view, box 2 in none.
+    plain = (
+        torch.tensor([0.2, 0.0, 0.0]).view(3, 1, 1).expand(3, 2, 2),
+        torch.tensor([0.6, 0.0, 0.0]),
+        torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+        torch.tensor([True, False, False]),
+    )
+    flipped = (
+        torch.tensor([0.8, 0.7, 0.0]).view(3, 1, 1).expand(3, 2, 2),
+        torch.tensor([0.4, 0.9, 0.0]),
+        torch.tensor([[2.0, 0.0, 6.0, 4.0], [1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        torch.tensor([True, True, False]),
+    )
+    probs, scores, boxes, has = merge_teacher_views([plain, flipped])
+    assert probs[:, 0, 0].tolist() == pytest.approx([0.5, 0.7, 0.0])  # (0.2 + 0.8) / 2; the one view; none
+    assert scores.tolist() == pytest.approx([0.5, 0.9, 0.0])
+    assert boxes.tolist() == [[1.0, 0.0, 5.0, 4.0], [1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]  # exact halves
+    assert has.tolist() == [True, True, False]
+    assert merge_teacher_views([plain]) is plain  # without the flip: the view itself
 
 
 def test_pseudo_mask_targets_pad_subsample_crop_binarise():

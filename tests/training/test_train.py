@@ -13,8 +13,10 @@ from helpers import REPO, tiny_config
 from training.benchmark import load_variants
 from training.config import load_config
 from training.criterion import compute_losses
-from training.engine import student_batch, teacher_pseudo_masks
-from training.model.condinst import build_model
+from training.engine import assigned_teacher_view, student_batch, teacher_pseudo_masks
+from training.model.condinst import InputDetections, build_model
+from training.model.fcos import Detections
+from training.model.processing import paste_masks
 from training.train import Trainer, lr_factor
 
 REPO_CONFIGS = REPO / "configs"
@@ -42,11 +44,43 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("method", ["condinst", "boxinst", "boxteacher"])
+def _one_detection(box: list[float], input_hw: tuple[int, int]) -> InputDetections:
+    """One detection whose stride-4 mask is 1 on the left half of its box's rows, 0 elsewhere."""
+    hp, wp = -(-input_hw[0] // 4), -(-input_hw[1] // 4)
+    mask = torch.zeros(1, hp, wp)
+    mask[0, 2:6, 1:3] = 1.0
+    dets = Detections(
+        boxes=torch.tensor([box]), det_scores=torch.tensor([0.9]), labels=torch.zeros(1, dtype=torch.int64),
+        locations=torch.zeros(1, 2), levels=torch.zeros(1, dtype=torch.int64), params=torch.zeros(1, 1), valid=torch.ones(1, dtype=torch.bool),
+    )  # fmt: skip
+    return InputDetections(dets, mask, torch.tensor([0.8]), torch.tensor([0.5]), input_hw)
+
+
+def test_flipped_teacher_view_is_mirrored_back():
+    cfg = tiny_config(overrides=["method=boxteacher"])
+    hw = (32, 40)
+    det = _one_detection([4.0, 8.0, 14.0, 24.0], hw)  # in the mirrored image's pixels
+    gt = torch.tensor([[26.0, 8.0, 36.0, 24.0], [0.0, 0.0, 5.0, 5.0]])  # box 0 = the detection mirrored (40 - x)
+    probs, scores, boxes, has = assigned_teacher_view(det, gt, hw, cfg, flipped=True)
+    assert has.tolist() == [True, False]
+    assert boxes.tolist() == [[26.0, 8.0, 36.0, 24.0], [0.0, 0.0, 0.0, 0.0]]
+    assert scores.tolist() == pytest.approx([0.9, 0.0])
+    pasted = paste_masks(det.mask_probs, hw, hw, cfg.model.mask.out_stride)[0]
+    assert torch.equal(probs[0], pasted.flip(-1)) and not torch.equal(probs[0], pasted)
+    assert probs[0][:, 20:].sum() > 0 and probs[0][:, :20].sum() == 0  # the mask moved to the right half
+    assert not probs[1].any()
+    # The same detection read as an un-mirrored view matches the un-mirrored box instead.
+    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[4.0, 8.0, 14.0, 24.0]]), hw, cfg, flipped=False)
+    assert has.tolist() == [True] and boxes.tolist() == [[4.0, 8.0, 14.0, 24.0]]
+
+
+@pytest.mark.parametrize("method", ["condinst", "boxinst", "boxteacher", "boxteacher-flip"])
 @pytest.mark.parametrize("boxes", AWKWARD, ids=["no-boxes", "sub-pixel", "border"])
 def test_losses_are_finite_and_differentiable(method, boxes):
     torch.manual_seed(0)
-    cfg = tiny_config(overrides=[f"method={method}"])
+    flip = method.endswith("-flip")  # the teacher's flip test-time augmentation
+    method = method.removesuffix("-flip")
+    cfg = tiny_config(overrides=[f"method={method}", f"boxteacher.teacher_flip={flip}"])
     model = build_model(cfg).train()
     image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
     batch = student_batch(model, [image, image.flip(-1)], [_target(boxes), _target([[20, 20, 60, 50]])], cfg)
