@@ -141,7 +141,7 @@ class BoxTeacherConfig(_Section):
     teacher_min_size: int = 800  # the teacher sees the image re-sized to the test scale
     teacher_max_size: int = 1333
     # Flip test-time augmentation of the teacher: it also labels each image mirrored and the
-    # two views' masks are averaged (training.engine.merge_teacher_views). Not in the paper.
+    # two views' masks are averaged (training.boxteacher.merge_teacher_views). Not in the paper.
     teacher_flip: bool = False
     strong_augmentation: Literal["strong", "strongv2", "weak", "none"] = "strong"
     pixel_loss: Literal["dice", "bce", "none"] = "dice"
