@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
+from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
+from torchvision.tv_tensors import BoundingBoxFormat
 
 from training.losses import (
     dice_loss,
@@ -43,6 +45,8 @@ __all__ = [
     "quality_score",
     "assign_pseudo_masks",
     "gather_assigned_masks",
+    "match_teacher_view",
+    "merge_teacher_views",
     "crop_masks_to_boxes",
     "pseudo_mask_targets",
     "refine_pseudo_masks",
@@ -218,6 +222,27 @@ def gather_assigned_masks(pred_masks: Tensor, pred_weights: Tensor, matched_inde
     masks = pred_masks[safe] * has.to(pred_masks.dtype).view(-1, 1, 1)
     weights = pred_weights.float()[safe] * has.float()
     return masks, weights
+
+
+def match_teacher_view(
+    boxes: Tensor,
+    scores: Tensor,
+    gt_boxes: Tensor,
+    image_hw: tuple[int, int],
+    flipped: bool,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.05,
+) -> tuple[Tensor, Tensor]:
+    """One teacher view's detections matched to the GT boxes (Algorithm 1).
+
+    ``boxes`` (N, 4) xyxy at the image's size ``image_hw`` and their mask-aware ``scores``
+    (N,); a ``flipped`` view saw the image mirrored, so its boxes are mirrored back first
+    (its masks the caller mirrors with ``.flip(-1)``). Returns the boxes in the image's frame
+    and the matched detection's index per GT box (-1: none).
+    """
+    if flipped:
+        boxes = horizontal_flip_bounding_boxes(boxes, format=BoundingBoxFormat.XYXY, canvas_size=image_hw)
+    return boxes, assign_pseudo_masks(boxes, scores, gt_boxes, iou_threshold, score_threshold)
 
 
 def merge_teacher_views(views: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

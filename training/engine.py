@@ -14,13 +14,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
-from torchvision.tv_tensors import BoundingBoxFormat
 
 from training.boxteacher import (
-    assign_pseudo_masks,
     crop_masks_to_boxes,
     gather_assigned_masks,
+    match_teacher_view,
     merge_teacher_views,
     pseudo_mask_targets,
     quality_score,
@@ -73,14 +71,12 @@ def assigned_teacher_view(
     """
     bt = cfg.boxteacher
     sy, sx = student_hw[0] / det.input_hw[0], student_hw[1] / det.input_hw[1]
-    pred_boxes = det.dets.boxes * det.dets.boxes.new_tensor([sx, sy, sx, sy])
-    if flipped:
-        pred_boxes = horizontal_flip_bounding_boxes(pred_boxes, format=BoundingBoxFormat.XYXY, canvas_size=student_hw)
     num_gt = gt_boxes.shape[0]
     if det.mask_probs.shape[0] == 0 or num_gt == 0:  # nothing to assign
         zeros = gt_boxes.new_zeros(num_gt)
         return gt_boxes.new_zeros(num_gt, *student_hw), zeros, gt_boxes.new_zeros(num_gt, 4), zeros.bool()
-    matched = assign_pseudo_masks(pred_boxes, det.scores, gt_boxes, bt.iou_threshold, bt.score_threshold)
+    pred_boxes = det.dets.boxes * det.dets.boxes.new_tensor([sx, sy, sx, sy])
+    pred_boxes, matched = match_teacher_view(pred_boxes, det.scores, gt_boxes, student_hw, flipped, bt.iou_threshold, bt.score_threshold)
     has, sel = matched >= 0, matched.clamp(min=0)
     probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)
     if flipped:

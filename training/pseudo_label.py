@@ -43,14 +43,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
-from torchvision.tv_tensors import BoundingBoxFormat
 
 from training import distributed as dist_utils
-from training.boxteacher import crop_masks_to_boxes, merge_teacher_views
+from training.boxteacher import crop_masks_to_boxes, match_teacher_view, merge_teacher_views
 from training.data.coco import CocoInstances
 from training.evaluate import encode_mask
-from training.model.assignment import assign_pseudo_masks
 from training.model.boxes import box_fill_masks, box_masks
 from training.model.condinst import CondInst
 from training.model.scores import mask_aware_score
@@ -90,10 +87,10 @@ def pseudo_label_image(
     threshold = model.cfg.model.mask.threshold
     views = []  # per view: (instances, their boxes in the image's frame, matched index per GT box, flipped)
     for inst, flipped in zip(model.predict([image, image.flip(-1)] if flip else [image], return_probs=True), [False, True]):
-        boxes = inst.boxes.float().cpu()
-        if flipped:
-            boxes = horizontal_flip_bounding_boxes(boxes, format=BoundingBoxFormat.XYXY, canvas_size=(h, w))
-        views.append((inst, boxes, assign_pseudo_masks(boxes, inst.scores.cpu(), gt, iou_threshold, score_threshold), flipped))
+        boxes, matched = match_teacher_view(
+            inst.boxes.float().cpu(), inst.scores.cpu(), gt, (h, w), flipped, iou_threshold, score_threshold
+        )
+        views.append((inst, boxes, matched, flipped))
 
     def view(inst, boxes: torch.Tensor, k: int, flipped: bool) -> tuple[torch.Tensor, ...]:
         probs = inst.mask_probs[k : k + 1].float().cpu()

@@ -19,6 +19,7 @@ from training.boxteacher import (
     ema_update_,
     gather_assigned_masks,
     mask_aware_score,
+    match_teacher_view,
     mean_foreground_probability,
     merge_teacher_views,
     noise_aware_pseudo_mask_loss,
@@ -177,6 +178,20 @@ def test_gather_assigned_masks():
     assert weights.tolist() == pytest.approx([0.7, 0.0, 0.4])
     m0, w0 = gather_assigned_masks(torch.zeros(0, 2, 2), torch.zeros(0), torch.tensor([-1, -1]))
     assert m0.shape == (2, 2, 2) and w0.tolist() == [0.0, 0.0]
+
+
+def test_match_teacher_view_mirrors_a_flipped_view_back_before_matching():
+    # A 20 px wide image; the GT box spans x 2..8. The flipped view saw it at x 12..18.
+    gt = torch.tensor([[2.0, 0.0, 8.0, 10.0]])
+    seen = torch.tensor([[12.0, 0.0, 18.0, 10.0], [0.0, 0.0, 4.0, 4.0]])
+    scores = torch.tensor([0.6, 0.9])
+    boxes, matched = match_teacher_view(seen, scores, gt, (10, 20), flipped=True)
+    assert boxes.tolist() == [[2.0, 0.0, 8.0, 10.0], [16.0, 0.0, 20.0, 4.0]]  # x -> 20 - x
+    assert matched.tolist() == [0]  # IoU 1 after mirroring
+    boxes, matched = match_teacher_view(seen, scores, gt, (10, 20), flipped=False)
+    assert torch.equal(boxes, seen) and matched.tolist() == [-1]  # unmirrored: IoU 0 with the GT box
+    _, matched = match_teacher_view(seen, torch.tensor([0.01, 0.9]), gt, (10, 20), flipped=True, score_threshold=0.05)
+    assert matched.tolist() == [-1]  # below the score threshold
 
 
 def test_merge_teacher_views_by_hand():
