@@ -27,7 +27,7 @@ from training.config import Config
 from training.criterion import StudentBatch
 from training.losses import box_masks
 from training.model.condinst import CondInst, InputDetections
-from training.model.processing import paste_masks, resize_image
+from training.model.processing import paste_masks, resize_image, scale_boxes
 
 
 def _pad_uint8(images: list[Tensor], divisibility: int) -> Tensor:
@@ -70,12 +70,11 @@ def assigned_teacher_view(
     Returns ``(probs (G, H, W), det_scores (G,), boxes (G, 4), has (G,))``, zeros where unmatched.
     """
     bt = cfg.boxteacher
-    sy, sx = student_hw[0] / det.input_hw[0], student_hw[1] / det.input_hw[1]
     num_gt = gt_boxes.shape[0]
     if det.mask_probs.shape[0] == 0 or num_gt == 0:  # nothing to assign
         zeros = gt_boxes.new_zeros(num_gt)
         return gt_boxes.new_zeros(num_gt, *student_hw), zeros, gt_boxes.new_zeros(num_gt, 4), zeros.bool()
-    pred_boxes = det.dets.boxes * det.dets.boxes.new_tensor([sx, sy, sx, sy])
+    pred_boxes = scale_boxes(det.dets.boxes, det.input_hw, student_hw)  # clipped to the image, as the authors' postprocess
     pred_boxes, matched = match_teacher_view(pred_boxes, det.scores, gt_boxes, student_hw, flipped, bt.iou_threshold, bt.score_threshold)
     has, sel = matched >= 0, matched.clamp(min=0)
     probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)

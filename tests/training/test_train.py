@@ -74,6 +74,16 @@ def test_flipped_teacher_view_is_mirrored_back():
     assert has.tolist() == [True] and boxes.tolist() == [[4.0, 8.0, 14.0, 24.0]]
 
 
+def test_teacher_boxes_are_clipped_to_the_image_before_matching():
+    # As the authors' postprocess: a detection reaching 12 px past the left edge is read as
+    # [0, 8, 8, 24], IoU 1 with the GT box (unclipped: 8 * 16 / (20 * 16) = 0.4, no match).
+    cfg = tiny_config(overrides=["method=boxteacher"])
+    hw = (32, 40)
+    det = _one_detection([-12.0, 8.0, 8.0, 24.0], hw)
+    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[0.0, 8.0, 8.0, 24.0]]), hw, cfg, flipped=False)
+    assert has.tolist() == [True] and boxes.tolist() == [[0.0, 8.0, 8.0, 24.0]]
+
+
 @pytest.mark.parametrize("method", ["condinst", "boxinst", "boxteacher", "boxteacher-flip"])
 @pytest.mark.parametrize("boxes", AWKWARD, ids=["no-boxes", "sub-pixel", "border"])
 def test_losses_are_finite_and_differentiable(method, boxes):
