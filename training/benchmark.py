@@ -168,6 +168,26 @@ def collapse_warning(run_dir: Path) -> str | None:
     return None
 
 
+def dead_mask_head(row: dict) -> str | None:
+    """Why a finished run's mask head counts as collapsed, or None.
+
+    The collapse detector watches the student while it trains; a head can also end up
+    producing masks no better than filling the boxes, with the detector silent (in a
+    Penn-Fudan run: segm AP 0.0, 26% of mask pixels outside their box). So a run also counts
+    when its masks are no better than filled boxes by either measure of the row: segm AP at
+    most box-fill's on the same detections, or pseudo masks below the filled boxes' IoU.
+    """
+    if row.get("collapse"):
+        return row["collapse"]
+    segm, fill = row.get("segm_AP"), row.get("boxfill_segm_AP")
+    if segm is not None and fill is not None and segm <= fill:
+        return f"final masks no better than filled boxes: segm AP {segm:.1f}, box-fill {fill:.1f} on the same detections"
+    pseudo, filled = row.get("pseudo_iou"), row.get("pseudo_boxfill_iou")
+    if pseudo is not None and filled is not None and pseudo < filled:
+        return f"final pseudo masks worse than filled boxes: IoU {pseudo:.3f} against {filled:.3f}"
+    return None
+
+
 def load_variants(path: str | None) -> dict[str, list[str]]:
     """``--variants FILE``: a YAML mapping of variant name -> list of ``key=value`` overrides
     (a list inside the list, e.g. a YAML alias ``[*base, key=value]``, is spliced in).
@@ -262,7 +282,7 @@ NUMERIC_COLUMNS = (
 def summarize_rows(rows: list[dict]) -> list[dict]:
     """One summary per (variant, method), in first-seen order: for every numeric column its
     mean, min and max over the seeds (NaNs left out), ``seeds``, and ``collapsed``, the
-    number of seeds whose collapse detector fired."""
+    number of seeds whose mask head died (:func:`dead_mask_head`)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("variant", ""), r["method"]), []).append(r)
@@ -273,7 +293,7 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
             values = np.array([m[key] for m in members if m.get(key) is not None], dtype=float)
             values = values[~np.isnan(values)]
             summary[key] = (float(values.mean()), float(values.min()), float(values.max())) if len(values) else (float("nan"),) * 3
-        summary["collapsed"] = sum(1 for m in members if m.get("collapse"))
+        summary["collapsed"] = sum(1 for m in members if dead_mask_head(m))
         out.append(summary)
     return out
 

@@ -11,6 +11,7 @@ import pytest
 from training.benchmark import (
     cmd_quality,
     collapse_warning,
+    dead_mask_head,
     format_quality_table,
     load_variants,
     quality_jobs,
@@ -37,6 +38,18 @@ def test_summaries_mean_min_max_over_seeds():
     assert all(math.isnan(v) for v in summary["boxinst"]["rho_mask_aware"])  # NaNs are left out, not averaged
     table = format_quality_table(summarize_rows(rows))
     assert "| boxinst | 3 | 13.0 (10.0-16.0) |" in table and "| condinst | 1 | 20.0 |" in table and "| 1/1 |" in table
+
+
+def test_a_run_whose_masks_are_no_better_than_filled_boxes_counts_as_collapsed():
+    healthy = _row("boxteacher", 0, 20.6)  # box-fill 1.0, pseudo masks 0.6 against 0.5
+    dead = {**_row("boxteacher", 1, 0.0), "pseudo_iou": 0.225}  # the detector silent
+    worse_pseudo = {**_row("boxteacher", 2, 20.9), "pseudo_iou": 0.4}
+    assert dead_mask_head(healthy) is None
+    assert "segm AP 0.0, box-fill 1.0" in dead_mask_head(dead)
+    assert "IoU 0.400 against 0.500" in dead_mask_head(worse_pseudo)
+    assert dead_mask_head(_row("boxinst", 0, 20.0, collapse="mask head collapse at iteration 40")) == "mask head collapse at iteration 40"
+    (summary,) = summarize_rows([healthy, dead, worse_pseudo])
+    assert summary["collapsed"] == 2
 
 
 def test_variants_file_splices_aliases(tmp_path):
