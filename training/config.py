@@ -143,6 +143,10 @@ class BoxTeacherConfig(_Section):
     # Flip test-time augmentation of the teacher: it also labels each image mirrored and the
     # two views' masks are averaged (training.boxteacher.merge_teacher_views). Not in the paper.
     teacher_flip: bool = False
+    # Multi-scale test-time augmentation of the teacher: shorter sides it also labels each image
+    # at (same max size), each also mirrored with teacher_flip; all views' masks are averaged.
+    # Not in the paper. [] : one scale, teacher_min_size.
+    teacher_extra_sizes: list[int] = []
     strong_augmentation: Literal["strong", "strongv2", "weak", "none"] = "strong"
     pixel_loss: Literal["dice", "bce", "none"] = "dice"
     pixel_weight: float = 0.5

@@ -95,20 +95,24 @@ def teacher_pseudo_masks(
     (no flip/scale bookkeeping needed), assigned to GT boxes with Algorithm 1 (ranked by
     the mask-aware score), cropped to their boxes, binarised at 0.5, weighted by the
     configured quality score. With ``boxteacher.teacher_flip`` the teacher also sees each
-    image mirrored and the two views are averaged (:func:`merge_teacher_views`). Returns per
+    image mirrored, with ``boxteacher.teacher_extra_sizes`` also at those test scales, and all
+    views are averaged (:func:`merge_teacher_views`). Returns per
     image (soft, binary, weights) at stride 4 on the student's padded canvas, and
     statistics (count, mean weight).
     """
     bt, thr = cfg.boxteacher, cfg.model.mask.threshold
-    teacher_inputs = [resize_image(im, bt.teacher_min_size, bt.teacher_max_size) for im in images]
     flips = [False, True] if bt.teacher_flip else [False]
-    tbatch, tsizes = teacher.preprocess([im.flip(-1) if f else im for f in flips for im in teacher_inputs])
-    head, mask_feats = teacher(tbatch)
-    dets = teacher.detect(head, mask_feats, tsizes)
+    teacher_views = []  # (detections per image, flipped), one per (scale, flip)
+    for size in [bt.teacher_min_size, *bt.teacher_extra_sizes]:
+        teacher_inputs = [resize_image(im, size, bt.teacher_max_size) for im in images]
+        tbatch, tsizes = teacher.preprocess([im.flip(-1) if f else im for f in flips for im in teacher_inputs])
+        head, mask_feats = teacher(tbatch)
+        dets = teacher.detect(head, mask_feats, tsizes)
+        teacher_views += [(dets[v * len(images) : (v + 1) * len(images)], f) for v, f in enumerate(flips)]
     padded_hw = tuple(batch.images.shape[-2:])
     out, num_assigned, weight_sum = [], 0, 0.0
     for i, (student_hw, gt_boxes) in enumerate(zip(batch.image_sizes, batch.boxes)):
-        views = [assigned_teacher_view(dets[v * len(images) + i], gt_boxes, student_hw, cfg, f) for v, f in enumerate(flips)]
+        views = [assigned_teacher_view(dets[i], gt_boxes, student_hw, cfg, f) for dets, f in teacher_views]
         probs, det_scores, pred_boxes, has = merge_teacher_views(views)
         probs = crop_masks_to_boxes(probs, gt_boxes)
         gt_box_masks = box_masks(gt_boxes, student_hw[0], student_hw[1], stride=1)

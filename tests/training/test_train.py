@@ -84,13 +84,42 @@ def test_teacher_boxes_are_clipped_to_the_image_before_matching():
     assert has.tolist() == [True] and boxes.tolist() == [[0.0, 8.0, 8.0, 24.0]]
 
 
-@pytest.mark.parametrize("method", ["condinst", "boxinst", "boxteacher", "boxteacher-flip"])
+def test_teacher_labels_every_scale_and_its_mirror(monkeypatch):
+    # teacher_min_size 64 + teacher_extra_sizes [96], flipped: one forward per scale, each of
+    # the 2 images and their mirrors (4 inputs): 96x128 -> 64x85 (padded to 64x96) and 96x128.
+    # Each GT box then merges 4 views (2 scales x 2 flips).
+    import training.engine as engine
+
+    cfg = tiny_config(
+        overrides=[
+            "method=boxteacher",
+            "boxteacher.teacher_flip=true",
+            "boxteacher.teacher_min_size=64",
+            "boxteacher.teacher_max_size=128",
+            "boxteacher.teacher_extra_sizes=[96]",
+        ]
+    )
+    teacher = build_model(cfg)
+    inputs, merged = [], []
+    teacher.register_forward_pre_hook(lambda module, args: inputs.append(tuple(args[0].shape)))
+    merge = engine.merge_teacher_views
+    monkeypatch.setattr(engine, "merge_teacher_views", lambda views: merged.append(len(views)) or merge(views))
+    image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
+    batch = student_batch(teacher, [image, image], [_target([[20, 20, 60, 50]]), _target([[10, 10, 40, 80]])], cfg)
+    pseudo, _ = teacher_pseudo_masks(teacher, [image, image], batch, cfg)
+    assert inputs == [(4, 3, 64, 96), (4, 3, 96, 128)]
+    assert merged == [4, 4] and [p[0].shape[0] for p in pseudo] == [1, 1]
+
+
+@pytest.mark.parametrize("method", ["condinst", "boxinst", "boxteacher", "boxteacher-flip", "boxteacher-flip-scales"])
 @pytest.mark.parametrize("boxes", AWKWARD, ids=["no-boxes", "sub-pixel", "border"])
 def test_losses_are_finite_and_differentiable(method, boxes):
     torch.manual_seed(0)
-    flip = method.endswith("-flip")  # the teacher's flip test-time augmentation
-    method = method.removesuffix("-flip")
-    cfg = tiny_config(overrides=[f"method={method}", f"boxteacher.teacher_flip={flip}"])
+    # the teacher's test-time augmentation: flip, and flip at two scales
+    extra = [96] if method.endswith("-scales") else []
+    method, _, tta = method.partition("-")
+    flip = bool(tta)
+    cfg = tiny_config(overrides=[f"method={method}", f"boxteacher.teacher_flip={flip}", f"boxteacher.teacher_extra_sizes={extra}"])
     model = build_model(cfg).train()
     image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
     batch = student_batch(model, [image, image.flip(-1)], [_target(boxes), _target([[20, 20, 60, 50]])], cfg)
