@@ -14,6 +14,17 @@ from training.cli import plugins
 log = logging.getLogger("boxteacher")
 
 
+def _image_side(text: str) -> int:
+    """argparse type: a shorter side in pixels (a positive integer)."""
+    try:
+        side = int(text)
+    except ValueError:
+        side = 0
+    if side <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels (a positive integer)")
+    return side
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-synthetic", help="write a synthetic instance-segmentation dataset folder")
     p.add_argument("output", help="dataset folder to create (images/, annotations/{train,val}.json)")
@@ -118,6 +129,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also label each image mirrored and average the two masks (twice the compute; "
         "Penn-Fudan train boxes: mask IoU 0.625 -> 0.640, docs/results.md)",
+    )
+    p.add_argument(
+        "--extra-sizes",
+        type=_image_side,
+        nargs="+",
+        default=[],
+        metavar="SIZE",
+        help="also label each image at these shorter sides (mirrored too with --flip) and average all views, "
+        "as boxteacher.teacher_extra_sizes does in training (one more forward per view)",
     )
     p.set_defaults(func=cmd_pseudo_label)
 
@@ -313,7 +333,9 @@ def cmd_pseudo_label(args) -> int:
         model, _ = load_model(args.weights, args.branch, device=device)
         annotations = Path(args.data) / "annotations" / f"{args.split}.json"
         key = {"checkpoint_sha256": file_sha256(args.weights), "branch": args.branch, "annotations_sha256": file_sha256(annotations)}
-        summary = pseudo_label_to_file(model, args.data, args.split, args.output, flip=args.flip, workers=args.workers, run_key=key)
+        summary = pseudo_label_to_file(
+            model, args.data, args.split, args.output, flip=args.flip, extra_sizes=args.extra_sizes, workers=args.workers, run_key=key
+        )
         main = info().is_main
     if not main:
         return 0

@@ -62,26 +62,54 @@ def student_batch(
 
 
 def assigned_teacher_view(
-    det: InputDetections, gt_boxes: Tensor, student_hw: tuple[int, int], cfg: Config, flipped: bool
+    det: InputDetections,
+    gt_boxes: Tensor,
+    output_hw: tuple[int, int],
+    flipped: bool,
+    out_stride: int,
+    iou_threshold: float,
+    score_threshold: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One teacher view of one image: per GT box, Algorithm 1's match pasted at the student's size.
+    """One teacher view of one image: per GT box, Algorithm 1's match pasted at ``output_hw``
+    (the student's input in training, the image's own pixels in ``boxteacher pseudo-label``).
 
     A ``flipped`` view saw the image mirrored; its boxes and masks are mirrored back here.
+    Only the matched detections are pasted. ``out_stride``: the stride of ``det.mask_probs``.
     Returns ``(probs (G, H, W), det_scores (G,), boxes (G, 4), has (G,))``, zeros where unmatched.
     """
-    bt = cfg.boxteacher
     num_gt = gt_boxes.shape[0]
     if det.mask_probs.shape[0] == 0 or num_gt == 0:  # nothing to assign
         zeros = gt_boxes.new_zeros(num_gt)
-        return gt_boxes.new_zeros(num_gt, *student_hw), zeros, gt_boxes.new_zeros(num_gt, 4), zeros.bool()
-    pred_boxes = scale_boxes(det.dets.boxes, det.input_hw, student_hw)  # clipped to the image, as the authors' postprocess
-    pred_boxes, matched = match_teacher_view(pred_boxes, det.scores, gt_boxes, student_hw, flipped, bt.iou_threshold, bt.score_threshold)
+        return gt_boxes.new_zeros(num_gt, *output_hw), zeros, gt_boxes.new_zeros(num_gt, 4), zeros.bool()
+    pred_boxes = scale_boxes(det.dets.boxes, det.input_hw, output_hw)  # clipped to the image, as the authors' postprocess
+    pred_boxes, matched = match_teacher_view(pred_boxes, det.scores, gt_boxes, output_hw, flipped, iou_threshold, score_threshold)
     has, sel = matched >= 0, matched.clamp(min=0)
-    probs = paste_masks(det.mask_probs[sel], det.input_hw, student_hw, cfg.model.mask.out_stride)
+    probs = paste_masks(det.mask_probs[sel], det.input_hw, output_hw, out_stride)
     if flipped:
         probs = probs.flip(-1)
     keep = has.to(probs.dtype)
     return probs * keep.view(-1, 1, 1), det.dets.det_scores[sel] * keep, pred_boxes[sel] * keep.view(-1, 1), has
+
+
+@torch.no_grad()
+def teacher_views(
+    teacher: CondInst, images: list[Tensor], sizes: list[int], max_size: int, flip: bool
+) -> list[tuple[list[InputDetections], bool]]:
+    """The teacher's detections of ``images`` (uint8 RGB) at each test scale in ``sizes``
+    (shorter side; the longer at most ``max_size``), and with ``flip`` of their mirrors too.
+
+    One forward per scale, over the images and their mirrors together. Returns one entry per
+    (scale, flip) view: (detections per image, whether that view saw the images mirrored).
+    """
+    flips = [False, True] if flip else [False]
+    views = []
+    for size in sizes:
+        inputs = [resize_image(im, size, max_size) for im in images]
+        batch, input_sizes = teacher.preprocess([im.flip(-1) if f else im for f in flips for im in inputs])
+        head, mask_feats = teacher(batch)
+        dets = teacher.detect(head, mask_feats, input_sizes)
+        views += [(dets[v * len(images) : (v + 1) * len(images)], f) for v, f in enumerate(flips)]
+    return views
 
 
 @torch.no_grad()
@@ -96,24 +124,20 @@ def teacher_pseudo_masks(
     the mask-aware score), cropped to their boxes, binarised at 0.5, weighted by the
     configured quality score. With ``boxteacher.teacher_flip`` the teacher also sees each
     image mirrored, with ``boxteacher.teacher_extra_sizes`` also at those test scales, and all
-    views are averaged (:func:`merge_teacher_views`). Returns per
+    views are averaged (:func:`teacher_views`, :func:`merge_teacher_views`). Returns per
     image (soft, binary, weights) at stride 4 on the student's padded canvas, and
     statistics (count, mean weight).
     """
-    bt, thr = cfg.boxteacher, cfg.model.mask.threshold
-    flips = [False, True] if bt.teacher_flip else [False]
-    teacher_views = []  # (detections per image, flipped), one per (scale, flip)
-    for size in [bt.teacher_min_size, *bt.teacher_extra_sizes]:
-        teacher_inputs = [resize_image(im, size, bt.teacher_max_size) for im in images]
-        tbatch, tsizes = teacher.preprocess([im.flip(-1) if f else im for f in flips for im in teacher_inputs])
-        head, mask_feats = teacher(tbatch)
-        dets = teacher.detect(head, mask_feats, tsizes)
-        teacher_views += [(dets[v * len(images) : (v + 1) * len(images)], f) for v, f in enumerate(flips)]
+    bt, thr, stride = cfg.boxteacher, cfg.model.mask.threshold, cfg.model.mask.out_stride
+    views = teacher_views(teacher, images, [bt.teacher_min_size, *bt.teacher_extra_sizes], bt.teacher_max_size, bt.teacher_flip)
     padded_hw = tuple(batch.images.shape[-2:])
     out, num_assigned, weight_sum = [], 0, 0.0
     for i, (student_hw, gt_boxes) in enumerate(zip(batch.image_sizes, batch.boxes)):
-        views = [assigned_teacher_view(dets[i], gt_boxes, student_hw, cfg, f) for dets, f in teacher_views]
-        probs, det_scores, pred_boxes, has = merge_teacher_views(views)
+        assigned = [
+            assigned_teacher_view(dets[i], gt_boxes, student_hw, flipped, stride, bt.iou_threshold, bt.score_threshold)
+            for dets, flipped in views
+        ]
+        probs, det_scores, pred_boxes, has = merge_teacher_views(assigned)
         probs = crop_masks_to_boxes(probs, gt_boxes)
         gt_box_masks = box_masks(gt_boxes, student_hw[0], student_hw[1], stride=1)
         quality = (
@@ -124,7 +148,7 @@ def teacher_pseudo_masks(
         masks, weights = gather_assigned_masks(
             (probs > thr).float(), quality, torch.where(has, torch.arange(len(has), device=has.device), -1)
         )
-        soft, binary = pseudo_mask_targets(masks, gt_boxes, padded_hw, cfg.model.mask.out_stride, thr)
+        soft, binary = pseudo_mask_targets(masks, gt_boxes, padded_hw, stride, thr)
         out.append((soft, binary, weights))
         num_assigned += int(has.sum())
         weight_sum += float(weights[has].sum())

@@ -45,8 +45,9 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
 from training import distributed as dist_utils
-from training.boxteacher import crop_masks_to_boxes, match_teacher_view, merge_teacher_views
+from training.boxteacher import crop_masks_to_boxes, merge_teacher_views
 from training.data.coco import CocoInstances
+from training.engine import assigned_teacher_view, teacher_views
 from training.evaluate import encode_mask
 from training.model.boxes import box_fill_masks, box_masks
 from training.model.condinst import CondInst
@@ -65,14 +66,21 @@ def pseudo_label_image(
     iou_threshold: float = 0.5,
     score_threshold: float = 0.05,
     flip: bool = False,
+    extra_sizes: Sequence[int] = (),
 ) -> tuple[list[dict], list[int]]:
     """One image: (pseudo-mask annotations, ids of the boxes left without one).
+
+    The model labels the image as BoxTeacher's teacher does in training
+    (:func:`training.engine.teacher_views`, :func:`training.engine.assigned_teacher_view`,
+    :func:`training.boxteacher.merge_teacher_views`), at the model's test scale and in the
+    image's own pixels.
 
     Args:
         image: RGB (3, H, W) uint8 at the size the annotations' boxes refer to.
         anns: the image's non-crowd COCO box annotations (``bbox`` xywh pixels).
-        flip: also label the image mirrored and average the two views' masks
-            (:func:`training.boxteacher.merge_teacher_views`): twice the compute.
+        flip: also label the image mirrored and average the views' masks.
+        extra_sizes: also label it at these shorter sides (``input.max_size_test`` for the
+            longer), each mirrored too with ``flip``. Every view costs one more forward.
     Returns:
         each matched annotation copied with ``segmentation`` (COCO RLE of the mask cropped
         to its box), ``area``, ``score`` (mask-aware score inside the box), ``pseudo``;
@@ -81,41 +89,24 @@ def pseudo_label_image(
     if not anns:
         return [], []
     gt = torch.tensor(
-        [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32
+        [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+        dtype=torch.float32,
+        device=model.device,
     )
     h, w = image.shape[-2:]
-    threshold = model.cfg.model.mask.threshold
-    views = []  # per view: (instances, their boxes in the image's frame, matched index per GT box, flipped)
-    for inst, flipped in zip(model.predict([image, image.flip(-1)] if flip else [image], return_probs=True), [False, True]):
-        boxes, matched = match_teacher_view(
-            inst.boxes.float().cpu(), inst.scores.cpu(), gt, (h, w), flipped, iou_threshold, score_threshold
-        )
-        views.append((inst, boxes, matched, flipped))
-
-    def view(inst, boxes: torch.Tensor, k: int, flipped: bool) -> tuple[torch.Tensor, ...]:
-        probs = inst.mask_probs[k : k + 1].float().cpu()
-        return (
-            probs.flip(-1) if flipped else probs,
-            inst.det_scores[k : k + 1].float().cpu(),
-            boxes[k : k + 1],
-            torch.ones(1, dtype=torch.bool),
-        )
-
+    inp, stride, threshold = model.cfg.input, model.cfg.model.mask.out_stride, model.cfg.model.mask.threshold
+    views = teacher_views(model, [image], [inp.min_size_test, *extra_sizes], inp.max_size_test, flip)
+    assigned = [assigned_teacher_view(dets[0], gt, (h, w), f, stride, iou_threshold, score_threshold) for dets, f in views]
+    probs, det_scores, _, has = merge_teacher_views(assigned)
+    probs = crop_masks_to_boxes(probs, gt)
+    scores = mask_aware_score(det_scores, probs, box_masks(gt, h, w, stride=1), threshold).tolist()
+    masks = (probs > threshold).cpu().numpy()
     pseudo, unmatched = [], []
-    for g, ann in enumerate(anns):  # one box at a time: a full-size mask per box, not per image
-        box = gt[g : g + 1]
-        matched = [view(inst, boxes, int(m[g]), flipped) for inst, boxes, m, flipped in views if m[g] >= 0]
-        if matched:
-            probs, det_scores, _, _ = merge_teacher_views(matched)
-            probs = crop_masks_to_boxes(probs, box)
-            score = mask_aware_score(det_scores, probs, box_masks(box, h, w, stride=1), threshold)
-            mask = (probs[0] > threshold).numpy()
-            if mask.any():
-                pseudo.append(
-                    {**ann, "segmentation": encode_mask(mask), "area": float(mask.sum()), "score": float(score[0]), "pseudo": True}
-                )
-                continue
-        unmatched.append(int(ann["id"]))
+    for ann, matched, mask, score in zip(anns, has.tolist(), masks, scores):
+        if matched and mask.any():
+            pseudo.append({**ann, "segmentation": encode_mask(mask), "area": float(mask.sum()), "score": float(score), "pseudo": True})
+        else:
+            unmatched.append(int(ann["id"]))
     return pseudo, unmatched
 
 
@@ -257,6 +248,7 @@ def pseudo_label_to_file(
     iou_threshold: float = 0.5,
     score_threshold: float = 0.05,
     flip: bool = False,
+    extra_sizes: Sequence[int] = (),
     workers: int = 0,
     run_key: dict | None = None,
     distributed: bool = True,
@@ -268,7 +260,7 @@ def pseudo_label_to_file(
     ``quality`` (:class:`MaskQuality`) when the split has true masks.
 
     Args:
-        flip: label each image also mirrored and average the two views (:func:`pseudo_label_image`).
+        flip, extra_sizes: the teacher's views of each image (:func:`pseudo_label_image`).
         workers: DataLoader processes decoding images ahead of the model (0: in line).
         run_key: what identifies the run (checkpoint digest, thresholds ...); parts made
             with another key are not resumed from.
@@ -281,6 +273,8 @@ def pseudo_label_to_file(
     key = {"split": split, "iou_threshold": iou_threshold, "score_threshold": score_threshold, **(run_key or {})}
     if flip:  # only when on, so that runs begun before the option existed still resume
         key["flip"] = True
+    if extra_sizes:
+        key["extra_sizes"] = [int(size) for size in extra_sizes]
 
     # rank 0 prepares the folder and says what is left to do; every rank takes its share
     todo: list[int] | str = []
@@ -313,7 +307,9 @@ def pseudo_label_to_file(
             if image is None:
                 writer.write({"image_id": int(image_id), "skipped": "unreadable or wrongly sized image"})
                 continue
-            pseudo, unmatched = pseudo_label_image(model, image, _box_annotations(dataset, image_id), iou_threshold, score_threshold, flip)
+            pseudo, unmatched = pseudo_label_image(
+                model, image, _box_annotations(dataset, image_id), iou_threshold, score_threshold, flip, extra_sizes
+            )
             writer.write({"image_id": int(image_id), "annotations": pseudo, "unmatched": unmatched})
     group.barrier()
 

@@ -169,3 +169,19 @@ def test_parts_of_another_run_are_not_mixed_in(weights, data, tmp_path, capsys):
     assert main(_argv(weights, data, out)) == 2
     err = capsys.readouterr().err
     assert "holds the parts of another run" in err and "checkpoint_sha256" in err and not out.exists()
+
+
+def test_the_teachers_views_are_chosen_on_the_command_line(weights, data, tmp_path, capsys, monkeypatch):
+    """--flip and --extra-sizes reach the labeller and are part of the run's settings (so a
+    rerun with other views does not resume from these parts); a size that is not one is refused."""
+    out = tmp_path / "p.json"
+    views, asked = pseudo_label.teacher_views, []
+    monkeypatch.setattr(pseudo_label, "teacher_views", lambda model, images, *how: asked.append(how) or views(model, images, *how))
+    assert _one_thread_main([*_argv(weights, data, out), "--flip", "--extra-sizes", "160", "96"]) == 0
+    test = tiny_config().input  # the checkpoint's test scale, then the extra sizes, mirrored too
+    assert asked == [([test.min_size_test, 160, 96], test.max_size_test, True)] * 6
+    settings = json.loads(out.read_text())["info"]["settings"]
+    assert settings["flip"] is True and settings["extra_sizes"] == [160, 96]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_argv(weights, data, tmp_path / "q.json"), "--extra-sizes", "0"])
+    assert exit_info.value.code == 2 and "'0' is not a size in pixels" in capsys.readouterr().err

@@ -56,12 +56,17 @@ def _one_detection(box: list[float], input_hw: tuple[int, int]) -> InputDetectio
     return InputDetections(dets, mask, torch.tensor([0.8]), torch.tensor([0.5]), input_hw)
 
 
+def _view_args(cfg) -> tuple[int, float, float]:
+    """assigned_teacher_view's stride and Algorithm 1's thresholds, as training passes them."""
+    return cfg.model.mask.out_stride, cfg.boxteacher.iou_threshold, cfg.boxteacher.score_threshold
+
+
 def test_flipped_teacher_view_is_mirrored_back():
     cfg = tiny_config(overrides=["method=boxteacher"])
     hw = (32, 40)
     det = _one_detection([4.0, 8.0, 14.0, 24.0], hw)  # in the mirrored image's pixels
     gt = torch.tensor([[26.0, 8.0, 36.0, 24.0], [0.0, 0.0, 5.0, 5.0]])  # box 0 = the detection mirrored (40 - x)
-    probs, scores, boxes, has = assigned_teacher_view(det, gt, hw, cfg, flipped=True)
+    probs, scores, boxes, has = assigned_teacher_view(det, gt, hw, True, *_view_args(cfg))
     assert has.tolist() == [True, False]
     assert boxes.tolist() == [[26.0, 8.0, 36.0, 24.0], [0.0, 0.0, 0.0, 0.0]]
     assert scores.tolist() == pytest.approx([0.9, 0.0])
@@ -70,7 +75,7 @@ def test_flipped_teacher_view_is_mirrored_back():
     assert probs[0][:, 20:].sum() > 0 and probs[0][:, :20].sum() == 0  # the mask moved to the right half
     assert not probs[1].any()
     # The same detection read as an un-mirrored view matches the un-mirrored box instead.
-    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[4.0, 8.0, 14.0, 24.0]]), hw, cfg, flipped=False)
+    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[4.0, 8.0, 14.0, 24.0]]), hw, False, *_view_args(cfg))
     assert has.tolist() == [True] and boxes.tolist() == [[4.0, 8.0, 14.0, 24.0]]
 
 
@@ -80,7 +85,7 @@ def test_teacher_boxes_are_clipped_to_the_image_before_matching():
     cfg = tiny_config(overrides=["method=boxteacher"])
     hw = (32, 40)
     det = _one_detection([-12.0, 8.0, 8.0, 24.0], hw)
-    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[0.0, 8.0, 8.0, 24.0]]), hw, cfg, flipped=False)
+    _, _, boxes, has = assigned_teacher_view(det, torch.tensor([[0.0, 8.0, 8.0, 24.0]]), hw, False, *_view_args(cfg))
     assert has.tolist() == [True] and boxes.tolist() == [[0.0, 8.0, 8.0, 24.0]]
 
 
